@@ -1,0 +1,3 @@
+"""edgeface: federated face-recognition training across edge nodes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The `edgeface` command line: one module per command group."""

@@ -1,0 +1,97 @@
+"""Entry point of the `edgeface` command.
+
+Each command group lives in its own module that exposes `add_parser(subparsers)`. The parser it
+adds sets `func`, a callable that takes the parsed arguments and returns an exit code.
+
+Command groups that need Kubeflow Pipelines (`edgeface pipeline`) live outside the library, in
+the `pipelines` package, and are found through the `edgeface.commands` entry-point group, so the
+library itself never imports kfp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from importlib.metadata import entry_points
+
+from edgeface import __version__
+from edgeface.errors import EdgefaceError
+
+logger = logging.getLogger("edgeface")
+
+# Command-group modules under edgeface.cli, in the order `edgeface --help` lists them.
+COMMAND_MODULES = ["run", "data", "models", "inference", "cluster", "ui"]
+PLUGIN_GROUP = "edgeface.commands"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeface",
+        description="Federated face-recognition training across edge nodes.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgeface {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("EDGEFACE_LOG_LEVEL", "INFO"),
+        help="logging level: DEBUG, INFO, WARNING or ERROR (default INFO, or EDGEFACE_LOG_LEVEL)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"edgeface.cli.{name}")
+        except ModuleNotFoundError as error:
+            # A command group whose module is not written yet is left out of the parser.
+            if error.name != f"edgeface.cli.{name}":
+                raise
+            continue
+        module.add_parser(subparsers)
+    for entry_point in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        try:
+            add_parser = entry_point.load()
+        except ImportError as error:
+            # For example `edgeface pipeline` without the kfp extra installed.
+            logger.debug("command group %s unavailable: %s", entry_point.name, error)
+            continue
+        add_parser(subparsers)
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise EdgefaceError(
+            f"invalid --log-level {level!r}: use DEBUG, INFO, WARNING or ERROR"
+        )
+    logging.basicConfig(
+        level=numeric,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # MLflow and alembic log every migration step at INFO; keep the run's story readable.
+    for noisy in ("alembic", "mlflow", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        configure_logging(args.log_level)
+        return int(args.func(args) or 0)
+    except EdgefaceError as error:
+        logger.error("%s", error)
+        return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

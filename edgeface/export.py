@@ -1,0 +1,404 @@
+"""ONNX export of the embedding model, and parity checks of onnxruntime against PyTorch.
+
+The exported graph is `edgeface.model.InferenceModel`: input "image", uint8 [batch, S, S, 3]
+RGB, and output "embedding", float32 [batch, D] with unit L2 norm. The batch axis is dynamic.
+The file is self-contained (no external data file) and passes `onnx.checker` with
+`full_check=True`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+from torch import nn
+
+from edgeface.errors import DataError, ExportError
+from edgeface.model import InferenceModel
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "embedding"
+DEFAULT_OPSET = 18
+# The torch.onnx dynamo exporter (torch 2.14) implements operators at opset 18. It reaches a
+# lower opset only through a version conversion that can fail and then keeps opset 18.
+MIN_OPSET = 18
+# Batch size of the example input. torch.export specializes dimensions of size 0 and 1, so the
+# example needs at least 2 images for the batch axis to stay dynamic.
+_EXAMPLE_BATCH = 2
+_MAX_CAUSE_CHARS = 800
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+# Exception types that onnxruntime raises from its C++ core. None of them derives from
+# RuntimeError, so they are listed one by one.
+_ORT_ERRORS = (
+    ort_state.Fail, ort_state.InvalidArgument, ort_state.NoSuchFile, ort_state.NoModel,
+    ort_state.EngineError, ort_state.RuntimeException, ort_state.InvalidProtobuf,
+    ort_state.InvalidGraph, ort_state.NotImplemented,
+)
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """Comparison of onnxruntime and PyTorch eager embeddings of the same images.
+
+    `max_abs_diff` is the largest absolute difference over all batch sizes. `ok` is True when
+    the embeddings are close (`np.allclose` with `rtol` and `atol`) at every batch size and no
+    pair changed its decision. `decisions_match` is None when no threshold and pairs were given.
+    `embeddings_close` is the `np.allclose` part of `ok` alone. `mismatched_pairs` counts
+    pairs whose same/different decision differs, at the worst batch size.
+    """
+
+    max_abs_diff: float
+    ok: bool
+    batch_sizes: list[int]
+    decisions_match: bool | None
+    rtol: float = 1e-3
+    atol: float = 1e-5
+    embeddings_close: bool = True
+    threshold: float | None = None
+    num_pairs: int = 0
+    mismatched_pairs: int = 0
+
+
+def export_onnx(backbone: nn.Module, image_size: int, path: Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Export `backbone` wrapped in `InferenceModel` to an ONNX file at `path` and return it.
+
+    The backbone is copied to CPU float32 in eval mode, so the caller's module is not changed.
+    `image_size` is the side S in pixels of the square input, and must match the size the
+    backbone was built for. The file is written to a temporary file in the same folder, checked
+    with `onnx.checker.check_model(full_check=True)`, and then renamed over `path`, so a failed
+    export leaves any earlier file at `path` untouched. Missing parent folders are created.
+
+    Raises:
+        ExportError: invalid image_size or opset, the exporter failed, or the exported file
+            fails the checker, has external data, or has a static batch axis. The message
+            contains the cause.
+    """
+    _check_export_arguments(image_size, opset)
+    path = Path(path)
+    started = time.perf_counter()
+    model = InferenceModel(copy.deepcopy(backbone).cpu().float()).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkstemp: its files have mode 0600, and the renamed model would keep it.
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        _run_exporter(model, image_size, opset, temporary, path)
+        _check_exported(temporary, image_size, opset, path)
+        _fsync(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+        Path(f"{temporary}.data").unlink(missing_ok=True)
+
+    logger.info(
+        "exported ONNX model to %s (opset %d, %.2f MiB) in %.1f s",
+        path, opset, path.stat().st_size / 2**20, time.perf_counter() - started,
+    )
+    return path
+
+
+def _fsync(path: Path) -> None:
+    """Flush the file's data to disk, so that the rename never publishes a partial file."""
+    with path.open("rb") as file:
+        os.fsync(file.fileno())
+
+
+def _check_export_arguments(image_size: int, opset: int) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ExportError(f"invalid image_size {image_size!r}: expected a positive number of pixels")
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise ExportError(
+            f"invalid ONNX opset {opset!r}: expected an integer from {MIN_OPSET} to {newest} "
+            f"(the newest that onnx {onnx.__version__} knows)"
+        )
+
+
+def _run_exporter(model: nn.Module, image_size: int, opset: int, target: Path, path: Path) -> None:
+    """Run the torch.onnx dynamo exporter with a dynamic batch axis, weights inside the file."""
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randint(
+        0, 256, (_EXAMPLE_BATCH, image_size, image_size, 3), dtype=torch.uint8, generator=generator
+    )
+    # An eager forward pass takes milliseconds and finds a wrong image_size before the
+    # exporter spends seconds tracing.
+    try:
+        with torch.no_grad():
+            model(example)
+    except RuntimeError as error:
+        raise ExportError(
+            f"the backbone cannot embed {image_size}x{image_size} images: {_short_cause(error)}. "
+            "Pass the image_size the backbone was built for (ModelSpec.image_size)"
+        ) from error
+    try:
+        torch.onnx.export(
+            model,
+            (example,),
+            str(target),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
+    except Exception as error:  # the exporter raises many types, from torch.export and onnxscript
+        raise ExportError(f"ONNX export to {path} failed: {_short_cause(error)}") from error
+
+
+def _check_exported(exported: Path, image_size: int, opset: int, path: Path) -> None:
+    """Raise ExportError unless the exported file is self-contained, valid and as expected.
+
+    Valid means that `onnx.checker` with full_check passes. Expected means the requested
+    opset, the input and output names, and a dynamic batch axis. Messages name `path`.
+    """
+    model = onnx.load(str(exported), load_external_data=False)
+    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise ExportError(
+            f"exported model {path} keeps {len(external)} initializers in an external data "
+            "file, but a self-contained file is expected"
+        )
+    try:
+        onnx.checker.check_model(str(exported), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise ExportError(f"exported model {path} fails onnx.checker: {_short_cause(error)}") from error
+
+    versions = {entry.domain: entry.version for entry in model.opset_import}
+    if versions.get("", versions.get("ai.onnx")) != opset:
+        raise ExportError(
+            f"exported model {path} declares ONNX opsets {versions}, expected opset {opset}: "
+            f"the exporter could not convert to opset {opset}, so choose another opset"
+        )
+    _check_interface(model.graph, image_size, path)
+
+
+def _check_interface(graph: onnx.GraphProto, image_size: int, path: Path) -> None:
+    """Raise ExportError unless the graph has the input and output names and a dynamic batch."""
+    inputs, outputs = [i.name for i in graph.input], [o.name for o in graph.output]
+    if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:
+        raise ExportError(
+            f"exported model {path} has inputs {inputs} and outputs {outputs}, "
+            f"expected [{INPUT_NAME!r}] and [{OUTPUT_NAME!r}]"
+        )
+    dims = graph.input[0].type.tensor_type.shape.dim
+    shape = [d.dim_param or d.dim_value for d in dims]
+    if len(dims) != 4 or not dims[0].dim_param or shape[1:] != [image_size, image_size, 3]:
+        raise ExportError(
+            f"exported model {path} has input shape {shape}, expected "
+            f"['batch', {image_size}, {image_size}, 3] with a dynamic batch axis"
+        )
+
+
+def _short_cause(error: BaseException) -> str:
+    """Describe the innermost cause of `error` on one line of at most _MAX_CAUSE_CHARS.
+
+    The torch.onnx exporter wraps the real error in a long message with terminal colour
+    codes, so the innermost cause is the informative part.
+    """
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = _ANSI_ESCAPE.sub("", f"{type(error).__name__}: {error}")
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_CAUSE_CHARS else text[:_MAX_CAUSE_CHARS] + " ..."
+
+
+def onnx_session(path: Path | str) -> onnxruntime.InferenceSession:
+    """Open an ONNX model in onnxruntime with the CPU execution provider only.
+
+    Raises:
+        ExportError: the file does not exist or onnxruntime cannot load it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"ONNX model not found: {path}. Export it first with export_onnx")
+    try:
+        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except _ORT_ERRORS as error:
+        raise ExportError(f"onnxruntime cannot load {path}: {_short_cause(error)}") from error
+
+
+def embed_onnx(
+    session: onnxruntime.InferenceSession, images: np.ndarray, batch_size: int = 64
+) -> np.ndarray:
+    """Return float32 (N, D) embeddings of uint8 (N, S, S, 3) RGB images, `batch_size` at a time.
+
+    Raises:
+        DataError: the images are not a uint8 (N, S, S, 3) array with the model's S.
+        ValueError: batch_size is below 1.
+    """
+    model_input = session.get_inputs()[0]
+    side = model_input.shape[1] if isinstance(model_input.shape[1], int) else None
+    _check_images(images, side)
+    if batch_size < 1:
+        raise ValueError(f"invalid batch_size {batch_size}: expected at least 1")
+
+    if len(images) == 0:
+        width = session.get_outputs()[0].shape[1]
+        return np.empty((0, width if isinstance(width, int) else 0), dtype=np.float32)
+    batches = [
+        session.run(None, {model_input.name: np.ascontiguousarray(images[start:start + batch_size])})[0]
+        for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(batches).astype(np.float32, copy=False)
+
+
+def _check_images(images: np.ndarray, side: int | None) -> None:
+    """Raise DataError unless `images` is uint8 (N, side, side, 3). A side of None accepts any S."""
+    shape = getattr(images, "shape", None)
+    dtype = getattr(images, "dtype", None)
+    valid = (
+        isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
+        and images.shape[3] == 3 and images.shape[1] == images.shape[2]
+        and (side is None or images.shape[1] == side)
+    )
+    if not valid:
+        expected = f"(N, {side}, {side}, 3)" if side else "(N, S, S, 3)"
+        raise DataError(
+            f"invalid images: expected a uint8 RGB array of shape {expected}, got {dtype} "
+            f"with shape {shape}. Crop and resize faces with the preprocessing of "
+            "edgeface.data.cache"
+        )
+
+
+def embed_eager(backbone: nn.Module, images: np.ndarray) -> np.ndarray:
+    """Return float32 (N, D) embeddings from PyTorch eager, through `InferenceModel` in eval mode.
+
+    The backbone is copied, so the caller's module keeps its mode and device.
+    """
+    model = InferenceModel(copy.deepcopy(backbone).cpu().float()).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+
+
+def check_parity(
+    backbone: nn.Module,
+    onnx_path: Path | str,
+    images: np.ndarray,
+    *,
+    rtol: float = 1e-3,
+    atol: float = 1e-5,
+    threshold: float | None = None,
+    pairs: Sequence[tuple[int, int]] | None = None,
+) -> ParityResult:
+    """Compare onnxruntime embeddings of `onnx_path` with PyTorch eager embeddings of `backbone`.
+
+    `images` is uint8 (N, S, S, 3) RGB with N >= 2. onnxruntime runs them at batch sizes 1
+    and N, and each result must satisfy `np.allclose(onnx, eager, rtol, atol)`. When
+    `threshold` and `pairs` are both given, each pair (i, j) of image indices must also get the
+    same decision (cosine similarity >= threshold means "same person") from both. The check
+    does not raise on a mismatch: pass the result to `require_parity`.
+
+    NOTE: a pair whose similarity lies within about atol of the threshold can flip its decision
+    from float rounding alone.
+
+    Raises:
+        DataError: invalid images.
+        ExportError: fewer than 2 images, only one of threshold and pairs given, a pair index
+            out of range, or the model cannot be loaded.
+    """
+    _check_images(images, None)
+    if len(images) < 2:
+        raise ExportError(f"parity needs at least 2 images to compare two batch sizes, got {len(images)}")
+    pair_array = _check_pairs(threshold, pairs, len(images))
+
+    eager = embed_eager(backbone, images)
+    session = onnx_session(onnx_path)
+    expected_decisions = _decisions(eager, pair_array, threshold)
+    batch_sizes = [1, len(images)]
+    max_abs_diff, close, mismatched = 0.0, True, 0
+    for batch_size in batch_sizes:
+        actual = embed_onnx(session, images, batch_size=batch_size)
+        max_abs_diff = max(max_abs_diff, float(np.max(np.abs(actual - eager))))
+        close = close and bool(np.allclose(actual, eager, rtol=rtol, atol=atol))
+        if expected_decisions is not None:
+            changed = _decisions(actual, pair_array, threshold) != expected_decisions
+            mismatched = max(mismatched, int(changed.sum()))
+
+    result = ParityResult(
+        max_abs_diff=max_abs_diff,
+        ok=close and mismatched == 0,
+        batch_sizes=batch_sizes,
+        decisions_match=None if expected_decisions is None else mismatched == 0,
+        rtol=rtol,
+        atol=atol,
+        embeddings_close=close,
+        threshold=threshold,
+        num_pairs=0 if pair_array is None else len(pair_array),
+        mismatched_pairs=mismatched,
+    )
+    logger.info(
+        "ONNX parity for %s: max abs diff %.3g at batch sizes %s, decisions match %s, ok %s",
+        onnx_path, max_abs_diff, batch_sizes, result.decisions_match, result.ok,
+    )
+    return result
+
+
+def _check_pairs(
+    threshold: float | None, pairs: Sequence[tuple[int, int]] | None, count: int
+) -> np.ndarray | None:
+    """Return the pairs as an int array (P, 2), or None when no decisions are compared."""
+    if (threshold is None) != (pairs is None):
+        raise ExportError(
+            "threshold and pairs go together: pass both to compare verification decisions, "
+            "or neither"
+        )
+    if pairs is None:
+        return None
+    array = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    out_of_range = [tuple(int(i) for i in pair) for pair in array if not (0 <= pair).all() or not (pair < count).all()]
+    if out_of_range:
+        raise ExportError(
+            f"pair indices {out_of_range[:3]} are out of range for {count} images: "
+            f"expected indices from 0 to {count - 1}"
+        )
+    return array
+
+
+def _decisions(
+    embeddings: np.ndarray, pairs: np.ndarray | None, threshold: float | None
+) -> np.ndarray | None:
+    """Return True for each pair whose cosine similarity is at least the threshold."""
+    if pairs is None or threshold is None:
+        return None
+    # The embeddings have unit norm, so the dot product is the cosine similarity.
+    similarity = np.sum(embeddings[pairs[:, 0]] * embeddings[pairs[:, 1]], axis=1)
+    return similarity >= threshold
+
+
+def require_parity(result: ParityResult) -> None:
+    """Raise ExportError with the measured numbers unless `result.ok`."""
+    if result.ok:
+        return
+    problems = []
+    if not result.embeddings_close:
+        problems.append(
+            f"onnxruntime and PyTorch embeddings differ by up to {result.max_abs_diff:.3g}, "
+            f"beyond rtol {result.rtol:g} and atol {result.atol:g}"
+        )
+    if result.mismatched_pairs:
+        problems.append(
+            f"{result.mismatched_pairs} of {result.num_pairs} pairs get a different "
+            f"same/different decision at threshold {result.threshold:g} (max abs diff "
+            f"{result.max_abs_diff:.3g})"
+        )
+    raise ExportError(
+        f"ONNX parity check failed at batch sizes {result.batch_sizes}: "
+        + " and ".join(problems)
+        + ". Do not deploy this file: re-export it and check the exporter's warnings"
+    )

@@ -1,0 +1,332 @@
+"""Step functions of a federated training run, shared by the local runner and the KFP components.
+
+Each step takes and returns paths and plain values, so the same call works inside a local worker
+process and inside a Kubeflow pipeline pod. Steps that run on an edge node (`prepare_node`,
+`train_node`) read only that node's manifest; what they hand back is a state dict file of the
+backbone, a sample count and scalar metrics. The classification head of a node stays in that
+node's state folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgeface.aggregation import NodeUpdate, Strategy, build_strategy
+from edgeface.config import RunConfig
+from edgeface.data.cache import PreprocessSpec, build_cache, load_cache
+from edgeface.data.ingest import ImageRecord, check_bad_fraction, list_images, resolve_images_root
+from edgeface.data.partition import NodeShard, Partition, partition, read_manifest
+from edgeface.data.protocol import EvaluationPlan, make_plan
+from edgeface.errors import DataError
+from edgeface.evaluation import EvaluationResult, evaluate_plan
+from edgeface.model import ModelSpec, build_backbone
+from edgeface.training import build_face_model, embed, round_learning_rate, train_local
+
+logger = logging.getLogger(__name__)
+
+
+def model_spec(config: RunConfig) -> ModelSpec:
+    return ModelSpec(arch=config.model.arch, embedding_dim=config.model.embedding_dim,
+                     width=config.model.width, image_size=config.data.image_size)
+
+
+def preprocess_spec(config: RunConfig) -> PreprocessSpec:
+    return PreprocessSpec(image_size=config.data.image_size, crop=tuple(config.data.crop))
+
+
+def default_cache_dir() -> Path:
+    configured = os.environ.get("EDGEFACE_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edgeface"
+
+
+def resolve_cache_dir(config: RunConfig) -> Path:
+    return Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
+
+
+def save_atomic(obj: Any, path: Path) -> Path:
+    """Save `obj` with torch.save to a temporary file, fsync it, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def write_json_atomic(payload: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+# --- central steps: they see file names and labels, never pixels ---------------------------
+
+
+def plan_step(data_dir: Path, config: RunConfig) -> tuple[Path, list[ImageRecord], EvaluationPlan]:
+    """List the dataset and choose the evaluation protocol and the training images."""
+    data_dir = Path(data_dir)
+    images_root = resolve_images_root(data_dir)
+    records = list_images(images_root)
+    plan = make_plan(
+        data_dir, images_root, records, config.data.protocol, fold=config.data.fold,
+        holdout_identities=config.data.holdout_identities,
+        train_images_per_identity=config.data.train_images_per_identity, seed=config.seed,
+    )
+    logger.info(
+        "dataset %s: %d images of %d people; protocol %s trains on %d images of %d people",
+        images_root, len(records), len({r.identity for r in records}), plan.name,
+        len(plan.train_records), len({r.identity for r in plan.train_records}),
+    )
+    return images_root, records, plan
+
+
+def partition_step(train_records: list[ImageRecord], config: RunConfig, out_dir: Path) -> Partition:
+    """Split the training images across edge nodes; write the report and one manifest per node."""
+    shards = partition(train_records, config.partition.nodes, config.partition.strategy,
+                       seed=config.seed, alpha=config.partition.alpha)
+    out_dir = Path(out_dir)
+    shards.write_report(out_dir / "partition.json")
+    shards.write_manifests(out_dir / "manifests")
+    for node in shards.nodes:
+        logger.info("partition %s: %s has %d images of %d people", shards.strategy, node.name,
+                    len(node.records), len({r.identity for r in node.records}))
+    return shards
+
+
+# --- edge-node steps: they read only the node's own manifest --------------------------------
+
+
+@dataclass
+class NodeData:
+    """A node's preprocessed training set, in memory, and how it was made."""
+
+    node: str
+    images: torch.Tensor  # uint8 (N, S, S, 3)
+    labels: torch.Tensor  # int64 (N,), index into `identities`
+    identities: list[str]
+    checked: int
+    bad: list[tuple[str, str]]
+    cache_hit: bool
+
+
+def prepare_node(images_root: Path, shard: NodeShard, config: RunConfig, cache_dir: Path,
+                 *, progress: bool = False) -> NodeData:
+    """Validate and preprocess a node's images into its cache, and load them for training.
+
+    Runs on the edge node. Files that fail to decode are skipped; the caller compares the
+    counts with `max-bad-fraction` across all nodes.
+    """
+    result = build_cache(Path(images_root), shard.records, preprocess_spec(config),
+                         Path(cache_dir), progress=progress, desc=f"{shard.name} cache")
+    array, records = load_cache(result.path)
+    identities = sorted({r.identity for r in records})
+    index = {name: i for i, name in enumerate(identities)}
+    labels = torch.tensor([index[r.identity] for r in records], dtype=torch.int64)
+    return NodeData(
+        node=shard.name, images=torch.from_numpy(np.ascontiguousarray(array)), labels=labels,
+        identities=identities, checked=result.report.checked, bad=list(result.report.bad),
+        cache_hit=result.hit,
+    )
+
+
+def head_path(node_state_dir: Path, round_index: int) -> Path:
+    return Path(node_state_dir) / f"head-round-{round_index:04d}.pt"
+
+
+def train_node(
+    data: NodeData,
+    global_state_path: Path,
+    node_state_dir: Path,
+    update_path: Path,
+    config: RunConfig,
+    round_index: int,
+) -> dict[str, float]:
+    """Train one node for one round starting from the global backbone; write its update.
+
+    The node's head after round r is kept as `head-round-r.pt` in `node_state_dir` and loaded
+    at round r + 1, so a run resumed from round r's checkpoint starts every node from the same
+    head as the uninterrupted run. Returns scalar metrics; the backbone state goes to
+    `update_path`.
+    """
+    spec = model_spec(config)
+    model = build_face_model(spec, config.model, len(data.identities))
+    model.backbone.load_state_dict(torch.load(global_state_path, weights_only=True))
+    previous_head = head_path(node_state_dir, round_index - 1)
+    if round_index > 0 and previous_head.exists():
+        model.head.load_state_dict(torch.load(previous_head, weights_only=True))
+    if config.federation.fedbn and round_index > 0:
+        _load_local_batchnorm(model.backbone, node_state_dir)
+    seed = config.seed * 1_000_003 + round_index * 1_009 + _stable_node_number(data.node)
+    torch.manual_seed(seed)
+    result = train_local(
+        model, data.images, data.labels, config.train,
+        lr=round_learning_rate(config.train, round_index), seed=seed,
+        fedprox_mu=config.federation.fedprox_mu,
+    )
+    state = {k: v.detach().contiguous() for k, v in model.backbone.state_dict().items()}
+    save_atomic(model.head.state_dict(), head_path(node_state_dir, round_index))
+    if config.federation.fedbn:
+        save_atomic(state, Path(node_state_dir) / "backbone-local.pt")
+    _remove_old_heads(node_state_dir, keep_from=round_index - 1)
+    save_atomic(state, update_path)
+    metrics = asdict(result)
+    metrics["lr"] = round_learning_rate(config.train, round_index)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _stable_node_number(node: str) -> int:
+    return sum((i + 1) * ord(c) for i, c in enumerate(node))
+
+
+def _load_local_batchnorm(backbone: torch.nn.Module, node_state_dir: Path) -> None:
+    local = Path(node_state_dir) / "backbone-local.pt"
+    if not local.exists():
+        return
+    saved = torch.load(local, weights_only=True)
+    current = backbone.state_dict()
+    bn_keys = [k for k in current if _is_batchnorm_key(backbone, k)]
+    current.update({k: saved[k] for k in bn_keys if k in saved})
+    backbone.load_state_dict(current)
+
+
+def _is_batchnorm_key(backbone: torch.nn.Module, key: str) -> bool:
+    module_name = key.rsplit(".", 1)[0]
+    module = dict(backbone.named_modules()).get(module_name)
+    return isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+
+
+def _remove_old_heads(node_state_dir: Path, keep_from: int) -> None:
+    for path in Path(node_state_dir).glob("head-round-*.pt"):
+        number = int(path.stem.rsplit("-", 1)[1])
+        if number < keep_from:
+            path.unlink(missing_ok=True)
+
+
+# --- server steps: they see state dicts and counts only -------------------------------------
+
+
+def initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
+    """Return the seeded initial global backbone state."""
+    torch.manual_seed(config.seed)
+    backbone = build_backbone(model_spec(config))
+    return {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+
+
+def make_strategy(config: RunConfig, num_nodes: int) -> Strategy:
+    federation = config.federation
+    min_nodes = max(federation.min_nodes, int(np.ceil(federation.min_fraction * num_nodes)))
+    options: dict[str, Any] = {"min_nodes": min(min_nodes, num_nodes)}
+    if federation.fedbn:
+        options["local_keys"] = _batchnorm_key_pattern(config)
+    if federation.strategy == "fedavgm":
+        options.update(server_lr=federation.server_lr, momentum=federation.server_momentum)
+    elif federation.strategy == "fedadam":
+        options.update(server_lr=federation.server_lr)
+    return build_strategy(federation.strategy, **options)
+
+
+def _batchnorm_key_pattern(config: RunConfig):
+    backbone = build_backbone(model_spec(config))
+    keys = {k for k in backbone.state_dict() if _is_batchnorm_key(backbone, k)}
+    return lambda key: key in keys
+
+
+def aggregate_step(strategy: Strategy, global_state: dict[str, torch.Tensor],
+                   update_files: dict[str, tuple[Path, int, dict[str, float]]]):
+    """Load the node updates from their files and fuse them with `strategy`."""
+    updates = []
+    for node, (path, num_samples, metrics) in sorted(update_files.items()):
+        state = torch.load(path, weights_only=True)
+        updates.append(NodeUpdate(node=node, state=state, num_samples=num_samples, metrics=metrics))
+    return strategy.aggregate(global_state, updates)
+
+
+@dataclass
+class EvaluationSet:
+    """Preprocessed images that evaluation embeds, with the plan that scores them."""
+
+    plan: EvaluationPlan
+    images: np.ndarray
+    index: dict[str, int]
+
+
+def prepare_evaluation(images_root: Path, plan: EvaluationPlan, config: RunConfig,
+                       cache_dir: Path, *, progress: bool = False) -> EvaluationSet:
+    records = plan.eval_records()
+    result = build_cache(Path(images_root), records, preprocess_spec(config), Path(cache_dir),
+                         progress=progress, desc="evaluation cache")
+    if result.report.bad:
+        missing = ", ".join(f"{path} ({reason})" for path, reason in result.report.bad[:5])
+        raise DataError(
+            f"{len(result.report.bad)} evaluation image(s) could not be decoded: {missing}. "
+            "The protocol needs every image it names; restore those files"
+        )
+    array, kept = load_cache(result.path)
+    return EvaluationSet(plan=plan, images=np.asarray(array),
+                         index={r.path: i for i, r in enumerate(kept)})
+
+
+def evaluate_step(backbone_state: dict[str, torch.Tensor], evaluation: EvaluationSet,
+                  config: RunConfig) -> tuple[EvaluationResult, np.ndarray]:
+    """Embed the evaluation images with the fused backbone and score the protocol.
+
+    Returns the result and the embeddings (N, D), rows in the order of `evaluation.index`.
+    """
+    backbone = build_backbone(model_spec(config))
+    backbone.load_state_dict(backbone_state)
+    embeddings = embed(backbone, evaluation.images, config.evaluation.eval_batch_size).numpy()
+
+    def lookup(records: list[ImageRecord]) -> np.ndarray:
+        return embeddings[[evaluation.index[r.path] for r in records]]
+
+    return evaluate_plan(evaluation.plan, lookup), embeddings
+
+
+def load_node_shard(manifest_path: Path) -> NodeShard:
+    return read_manifest(Path(manifest_path))
+
+
+def check_validation(reports: dict[str, tuple[int, list[tuple[str, str]]]], max_bad_fraction: float) -> None:
+    """Fail when more than `max_bad_fraction` of all node images were unreadable."""
+    from edgeface.data.ingest import ValidationReport
+
+    checked = sum(count for count, _ in reports.values())
+    bad = [item for _, items in reports.values() for item in items]
+    check_bad_fraction(ValidationReport(checked=checked, bad=bad), max_bad_fraction, "edge nodes")
+
+
+def timed(label: str, timings: dict[str, float]):
+    """Context manager that adds the seconds spent in its block to `timings[label]`."""
+    class _Timer:
+        def __enter__(self):
+            self.started = time.perf_counter()
+
+        def __exit__(self, *exc_info):
+            timings[label] = timings.get(label, 0.0) + time.perf_counter() - self.started
+            return False
+
+    return _Timer()

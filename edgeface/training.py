@@ -1,0 +1,155 @@
+"""Local training of one edge node: E epochs of margin-loss training on the node's own images.
+
+Nothing here reads files: the caller hands over the node's preprocessed uint8 images and integer
+labels, and gets back the updated model. Augmentation runs on tensors in the training process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from edgeface.config import ModelConfig, TrainConfig
+from edgeface.model import FaceModel, MarginHead, ModelSpec, build_backbone, to_input
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalResult:
+    """Outcome of one node's local training in one round."""
+
+    num_samples: int
+    steps: int
+    loss: float
+    accuracy: float
+    seconds: float
+    images_per_second: float
+
+
+def build_face_model(spec: ModelSpec, model_config: ModelConfig, num_classes: int) -> FaceModel:
+    head = MarginHead(spec.embedding_dim, num_classes, model_config.loss,
+                      model_config.scale, model_config.margin)
+    return FaceModel(build_backbone(spec), head)
+
+
+def round_learning_rate(config: TrainConfig, round_index: int) -> float:
+    """Return the client learning rate for round `round_index` (0-based).
+
+    Linear warm-up over `warmup-rounds`, then cosine decay to 1% of the peak at the last round,
+    or constant.
+    """
+    if config.warmup_rounds and round_index < config.warmup_rounds:
+        return config.lr * (round_index + 1) / (config.warmup_rounds + 1)
+    if config.lr_schedule == "constant":
+        return config.lr
+    span = max(1, config.rounds - config.warmup_rounds)
+    progress = (round_index - config.warmup_rounds) / span
+    return config.lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def augment(batch: torch.Tensor, generator: torch.Generator, max_shift: int = 4) -> torch.Tensor:
+    """Randomly flip, shift (up to `max_shift` pixels, edge padding) and brighten a float batch.
+
+    `batch` is (N, 3, S, S) in [-1, 1]; the result has the same shape.
+    """
+    n, _, size, _ = batch.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
+    if max_shift:
+        padded = F.pad(batch, (max_shift,) * 4, mode="replicate")
+        dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
+        batch = padded[:, :, dy:dy + size, dx:dx + size]
+    gain = 1.0 + 0.2 * (torch.rand(n, 1, 1, 1, generator=generator) - 0.5)
+    bias = 0.2 * (torch.rand(n, 1, 1, 1, generator=generator) - 0.5)
+    return (batch * gain + bias).clamp_(-1.0, 1.0)
+
+
+def make_optimizer(model: FaceModel, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    # No weight decay on BatchNorm and PReLU parameters (1-D tensors), the usual practice.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0)
+
+
+def train_local(
+    model: FaceModel,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    *,
+    lr: float,
+    seed: int,
+    fedprox_mu: float = 0.0,
+) -> LocalResult:
+    """Train `model` in place for `config.local_epochs` passes over (images, labels).
+
+    `images` is uint8 (N, S, S, 3); `labels` int64 (N,) in [0, num_classes). `fedprox_mu` > 0
+    adds the FedProx proximal term mu/2 * ||w - w_global||^2 on the backbone (Li et al.,
+    "Federated Optimization in Heterogeneous Networks", MLSys 2020), where w_global is the
+    backbone as passed in.
+    """
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    count = images.shape[0]
+    steps = max(1, round(config.local_epochs * count / config.batch_size))
+    batch_size = min(config.batch_size, count)
+    anchor = [p.detach().clone() for p in model.backbone.parameters()] if fedprox_mu else None
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format).train()
+    optimizer = make_optimizer(model, config, lr)
+    total_loss, correct, seen = 0.0, 0, 0
+    order = torch.randperm(count, generator=generator)
+    cursor = 0
+    for _ in range(steps):
+        if cursor + batch_size > count:
+            order, cursor = torch.randperm(count, generator=generator), 0
+        index = order[cursor:cursor + batch_size]
+        cursor += batch_size
+        batch = to_input(images[index])
+        if config.augment:
+            batch = augment(batch, generator)
+        batch = batch.contiguous(memory_format=memory_format)
+        target = labels[index]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            embeddings = model.backbone(batch)
+        logits = model.head(embeddings.float(), target)
+        loss = F.cross_entropy(logits, target)
+        if anchor is not None:
+            proximal = sum(((p - a) ** 2).sum() for p, a in zip(model.backbone.parameters(), anchor))
+            loss = loss + 0.5 * fedprox_mu * proximal
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(index)
+        correct += (logits.argmax(1) == target).sum().item()
+        seen += len(index)
+    seconds = time.perf_counter() - started
+    return LocalResult(
+        num_samples=count,
+        steps=steps,
+        loss=total_loss / seen,
+        accuracy=correct / seen,
+        seconds=seconds,
+        images_per_second=seen / seconds,
+    )
+
+
+@torch.no_grad()
+def embed(backbone: torch.nn.Module, images, batch_size: int = 256) -> "torch.Tensor":
+    """Return unit-norm float32 embeddings (N, D) of uint8 images (N, S, S, 3), eval mode."""
+    backbone.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        chunk = torch.as_tensor(images[start:start + batch_size])
+        outputs.append(F.normalize(backbone(to_input(chunk)), dim=1))
+    return torch.cat(outputs) if outputs else torch.empty(0)

@@ -1,0 +1,39 @@
+"""Shared fixtures: locations of the real face datasets that tests read in place."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Fixtures that start a real `mlflow server` on 127.0.0.1.
+pytest_plugins = ["conftest_mlflow"]
+
+
+def _shared_data_dir() -> Path:
+    configured = os.environ.get("EDGEFACE_SHARED_DATA")
+    return Path(configured) if configured else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    path = _shared_data_dir()
+    if not path.is_dir():
+        pytest.fail(
+            f"real face data not found at {path}: place the shared data folder beside the "
+            "repository or set EDGEFACE_SHARED_DATA to its path"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def lfw_dir(shared_data_dir: Path) -> Path:
+    """LFW folder with `lfw-deepfunneled/` and the official protocol files."""
+    return shared_data_dir / "lfw"
+
+
+@pytest.fixture(scope="session")
+def orl_dir(shared_data_dir: Path) -> Path:
+    """AT&T/ORL folder: `s1/` ... `s40/`, ten PGM images each."""
+    return shared_data_dir / "att_faces"
