@@ -99,8 +99,10 @@ class FederationConfig(Section):
     strategy: Literal["fedavg", "fedavgm", "fedadam"] = Field(
         "fedavg", description="server aggregation rule"
     )
-    server_lr: float = Field(1.0, gt=0.0)
-    server_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    server_lr: float | None = Field(
+        None, gt=0.0, description="server learning rate; default 0.1 for fedavgm, 0.01 for fedadam"
+    )
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="fedavgm server momentum")
     fedprox_mu: float = Field(0.0, ge=0.0, description="FedProx proximal-term weight; 0 = off")
     fedbn: bool = Field(False, description="keep BatchNorm layers local to each node")
     min_nodes: int = Field(1, ge=1, description="nodes that must report for a round to count")
@@ -118,7 +120,7 @@ class EvaluationConfig(Section):
 
 
 class ExportConfig(Section):
-    opset: int = Field(18, ge=13, le=23)
+    opset: int = Field(18, ge=18, le=23, description="ONNX opset; the torch 2.14 exporter emits 18 natively")
     rtol: float = Field(1e-3, gt=0.0)
     atol: float = Field(1e-5, gt=0.0)
 

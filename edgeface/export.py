@@ -301,11 +301,12 @@ def check_parity(
     `images` is uint8 (N, S, S, 3) RGB with N >= 2. onnxruntime runs them at batch sizes 1
     and N, and each result must satisfy `np.allclose(onnx, eager, rtol, atol)`. When
     `threshold` and `pairs` are both given, each pair (i, j) of image indices must also get the
-    same decision (cosine similarity >= threshold means "same person") from both. The check
-    does not raise on a mismatch: pass the result to `require_parity`.
+    same decision from both. As in `edgeface.evaluation`, a cosine similarity strictly greater
+    than the threshold means "same person". The check does not raise on a mismatch, so pass
+    the result to `require_parity`.
 
-    NOTE: a pair whose similarity lies within about atol of the threshold can flip its decision
-    from float rounding alone.
+    NOTE: a pair whose similarity lies within float rounding error of the threshold can flip
+    its decision even when the embeddings pass `np.allclose`.
 
     Raises:
         DataError: invalid images.
@@ -373,12 +374,12 @@ def _check_pairs(
 def _decisions(
     embeddings: np.ndarray, pairs: np.ndarray | None, threshold: float | None
 ) -> np.ndarray | None:
-    """Return True for each pair whose cosine similarity is at least the threshold."""
+    """Return True for each pair whose cosine similarity is greater than the threshold."""
     if pairs is None or threshold is None:
         return None
     # The embeddings have unit norm, so the dot product is the cosine similarity.
     similarity = np.sum(embeddings[pairs[:, 0]] * embeddings[pairs[:, 1]], axis=1)
-    return similarity >= threshold
+    return similarity > threshold
 
 
 def require_parity(result: ParityResult) -> None:

@@ -147,7 +147,7 @@ def prepare_node(images_root: Path, shard: NodeShard, config: RunConfig, cache_d
     index = {name: i for i, name in enumerate(identities)}
     labels = torch.tensor([index[r.identity] for r in records], dtype=torch.int64)
     return NodeData(
-        node=shard.name, images=torch.from_numpy(np.ascontiguousarray(array)), labels=labels,
+        node=shard.name, images=torch.from_numpy(np.array(array)), labels=labels,
         identities=identities, checked=result.report.checked, bad=list(result.report.bad),
         cache_hit=result.hit,
     )
@@ -241,18 +241,12 @@ def make_strategy(config: RunConfig, num_nodes: int) -> Strategy:
     min_nodes = max(federation.min_nodes, int(np.ceil(federation.min_fraction * num_nodes)))
     options: dict[str, Any] = {"min_nodes": min(min_nodes, num_nodes)}
     if federation.fedbn:
-        options["local_keys"] = _batchnorm_key_pattern(config)
+        options["fedbn"] = True
     if federation.strategy == "fedavgm":
-        options.update(server_lr=federation.server_lr, momentum=federation.server_momentum)
-    elif federation.strategy == "fedadam":
-        options.update(server_lr=federation.server_lr)
+        options["momentum"] = federation.server_momentum
+    if federation.strategy in ("fedavgm", "fedadam") and federation.server_lr is not None:
+        options["server_lr"] = federation.server_lr
     return build_strategy(federation.strategy, **options)
-
-
-def _batchnorm_key_pattern(config: RunConfig):
-    backbone = build_backbone(model_spec(config))
-    keys = {k for k in backbone.state_dict() if _is_batchnorm_key(backbone, k)}
-    return lambda key: key in keys
 
 
 def aggregate_step(strategy: Strategy, global_state: dict[str, torch.Tensor],

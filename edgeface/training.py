@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -150,6 +151,6 @@ def embed(backbone: torch.nn.Module, images, batch_size: int = 256) -> "torch.Te
     backbone.eval()
     outputs = []
     for start in range(0, len(images), batch_size):
-        chunk = torch.as_tensor(images[start:start + batch_size])
+        chunk = torch.from_numpy(np.array(images[start:start + batch_size]))
         outputs.append(F.normalize(backbone(to_input(chunk)), dim=1))
     return torch.cat(outputs) if outputs else torch.empty(0)

@@ -70,8 +70,9 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    # MLflow and alembic log every migration step at INFO; keep the run's story readable.
-    for noisy in ("alembic", "mlflow", "urllib3", "httpx"):
+    # MLflow, alembic and the ONNX exporter log every internal step at INFO; keep the run's
+    # story readable.
+    for noisy in ("alembic", "mlflow", "urllib3", "httpx", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
 
 

@@ -1,0 +1,96 @@
+"""End-to-end `edgeface run` on ORL: real images, worker processes, MLflow, ONNX Runtime."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN_FLAGS = ["--nodes", "2", "--rounds", "2", "--image-size", "32", "--batch-size", "32",
+             "--local-epochs", "1", "--no-progress"]
+
+
+def run_edgeface(args: list[str], cwd: Path, env_extra: dict | None = None,
+                 timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "EDGEFACE_CACHE_DIR": str(cwd / "cache"), **(env_extra or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "edgeface.cli.main", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(orl_dir: Path, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    workdir = tmp_path_factory.mktemp("e2e")
+    result = run_edgeface(["run", "--data", str(orl_dir), "--out", "run1", *RUN_FLAGS], workdir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir, result
+
+
+def test_run_writes_summary(finished_run) -> None:
+    workdir, result = finished_run
+    summary = json.loads((workdir / "run1" / "summary.json").read_text())
+    metrics = summary["metrics"]
+    assert 0.5 <= metrics["verification_accuracy"] <= 1.0
+    assert metrics["verification_std"] >= 0.0
+    assert 0.0 <= metrics["identification_top1"] <= 1.0
+    assert summary["rounds_completed"] == 2
+    assert [n["name"] for n in summary["nodes"]] == ["node-0", "node-1"]
+    assert sum(n["samples"] for n in summary["nodes"]) > 0
+    assert summary["onnx"]["parity_ok"] is True
+    assert summary["onnx"]["max_abs_diff"] < 1e-3
+    assert Path(summary["onnx"]["path"]).is_file()
+    assert summary["mlflow"]["model_version"] == 1
+    for stage in ("plan", "partition", "validate_and_cache", "train", "aggregate", "evaluate",
+                  "export", "register", "total"):
+        assert stage in summary["timings"], stage
+    assert "summary:" in result.stdout and "MLflow:" in result.stdout
+
+
+def test_run_registers_challenger(finished_run) -> None:
+    from edgeface.tracking import ModelRegistry
+
+    workdir, _ = finished_run
+    summary = json.loads((workdir / "run1" / "summary.json").read_text())
+    registry = ModelRegistry(summary["mlflow"]["tracking_uri"])
+    version = registry.get_version("edgeface", "challenger")
+    assert version.version == 1
+    assert version.tags["edgeface.dataset_fingerprint"] == summary["dataset_fingerprint"]
+    assert version.tags["edgeface.config_hash"] == summary["config_hash"]
+    assert version.tags["edgeface.parent_run_id"] == summary["mlflow"]["run_id"]
+
+
+def test_run_writes_partition_report(finished_run) -> None:
+    workdir, _ = finished_run
+    report = json.loads((workdir / "run1" / "partition.json").read_text())
+    assert report["strategy"] == "identity"
+    assert len(report["nodes"]) == 2
+    manifests = sorted((workdir / "run1" / "manifests").glob("node-*.json"))
+    assert len(manifests) == 2
+
+
+def test_run_refuses_existing_run_dir(finished_run, orl_dir: Path) -> None:
+    workdir, _ = finished_run
+    before = (workdir / "run1" / "summary.json").read_text()
+    result = run_edgeface(["run", "--data", str(orl_dir), "--out", "run1", *RUN_FLAGS], workdir)
+    assert result.returncode == 2
+    assert "--resume" in result.stderr
+    assert (workdir / "run1" / "summary.json").read_text() == before
+
+
+def test_run_without_data_explains_fetch(tmp_path: Path) -> None:
+    env = {"EDGEFACE_DATA": ""}
+    result = run_edgeface(["run", "--out", "x"], tmp_path, env_extra=env)
+    assert result.returncode == 2
+    assert "edgeface data fetch lfw" in result.stderr
+
+
+def test_run_rejects_bad_flags_at_once(tmp_path: Path, orl_dir: Path) -> None:
+    result = run_edgeface(["run", "--data", str(orl_dir), "--nodes", "0", "--partition", "bogus",
+                           "--lr", "-1"], tmp_path)
+    assert result.returncode == 2
+    for key in ("partition.nodes", "partition.strategy", "train.lr"):
+        assert key in result.stderr, key
+    assert not (tmp_path / "runs").exists()
