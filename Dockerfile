@@ -4,22 +4,28 @@
 #   docker run --rm edgeface:dev edgeface --version
 #
 # Build arguments:
-#   BASE_IMAGE       Python 3.11 on Debian bookworm (default python:3.11-slim-bookworm). Both
-#                    stages use it, because the virtual environment links to its interpreter.
+#   BASE_IMAGE       Python 3.11 on Debian bookworm (default python:3.11-slim-bookworm). Every
+#                    stage uses it, because the virtual environment links to its interpreter.
 #   TORCH_INDEX_URL  package index for torch, torchvision and their dependencies (default: the
 #                    PyTorch CPU-only index). PyPI's Linux torch wheels are CUDA builds that
-#                    pull in about 3 GB of NVIDIA libraries.
-#   PIP_INDEX_URL    package index for every other dependency (default PyPI).
+#                    add about 4 GB of NVIDIA libraries and Triton to the image.
+#   PIP_INDEX_URL    package index for every other requirement (default PyPI).
 #
-# The builder stage installs everything into /opt/venv. The runtime stage copies only that
-# folder, so no compiler, pip cache or source tree ends up in the image.
+# Stages: `dependencies` installs every requirement of pyproject.toml into /opt/venv,
+# `package` builds the edgeface wheel, and `runtime` copies both into a fresh base image.
+# A change to edgeface/ alone rebuilds only the small package layers.
 
+# NOTE: a build with these defaults has not been run yet. The image was built and tested only
+# with a local base image and a local wheel index (docs/image.md says what that build used).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
-
-FROM ${BASE_IMAGE} AS builder
-
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PIP_INDEX_URL=https://pypi.org/simple
+
+
+FROM ${BASE_IMAGE} AS dependencies
+
+ARG TORCH_INDEX_URL
+ARG PIP_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
@@ -30,7 +36,7 @@ WORKDIR /src
 
 # The requirement lists are read from pyproject.toml, so the versions installed here are the
 # package's own pins. torch and torchvision go first and come from TORCH_INDEX_URL only. The
-# later installs from PIP_INDEX_URL find them already satisfied and leave them alone.
+# second install, from PIP_INDEX_URL, finds them already satisfied and leaves them alone.
 COPY pyproject.toml ./
 RUN python3 -c 'import re, tomllib; \
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
@@ -45,12 +51,13 @@ RUN pip install --index-url "$TORCH_INDEX_URL" -r /tmp/torch-requirements.txt \
 
 RUN pip install -r /tmp/torch-requirements.txt -r /tmp/requirements.txt
 
-# A non-editable install: the runtime stage needs /opt/venv only, not /src.
+
+FROM dependencies AS package
+
+ARG PIP_INDEX_URL
 COPY pyproject.toml README.md* ./
 COPY edgeface ./edgeface
-RUN pip install ".[kfp]" \
- && pip check \
- && edgeface --version
+RUN pip wheel --no-deps --wheel-dir /dist .
 
 
 FROM ${BASE_IMAGE} AS runtime
@@ -72,11 +79,19 @@ RUN groupadd --gid 10001 edgeface \
  && chown -R 10001:0 /home/edgeface /gcs /minio /s3 \
  && chmod -R g=u /home/edgeface /gcs /minio /s3
 
-COPY --from=builder /opt/venv /opt/venv
+COPY --from=dependencies /opt/venv /opt/venv
+COPY --from=package /dist /tmp/dist
 
-# HOME is set explicitly because Kubernetes sets it to / for a UID that is not in
-# /etc/passwd. PYTHONDONTWRITEBYTECODE stops the non-root user from trying to write .pyc files
-# into the read-only environment: pip compiled them at build time.
+# --no-index: every requirement of edgeface[kfp] must already be in /opt/venv, so this step
+# fails instead of downloading anything the dependencies stage missed.
+RUN /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /tmp/dist "edgeface[kfp]" \
+ && /opt/venv/bin/pip check \
+ && rm -rf /tmp/dist
+
+# HOME is set explicitly because the container runtime sets it to / for a UID that has no
+# /etc/passwd entry, such as an arbitrary runAsUser. PYTHONDONTWRITEBYTECODE stops Python from
+# trying to write .pyc files into the root-owned /opt/venv, where pip compiled them at build
+# time.
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/edgeface \
     XDG_CACHE_HOME=/home/edgeface/.cache \
@@ -89,6 +104,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 WORKDIR /home/edgeface
 USER 10001:10001
+RUN edgeface --version
 
 # No ENTRYPOINT: KFP replaces the command of every component container, and
 # `docker run IMAGE edgeface ...` runs any edgeface command.

@@ -7,6 +7,7 @@ are snake_case. Every leaf key is unique across sections, so each has a flag of 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from importlib import resources
@@ -79,7 +80,7 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    rounds: int = Field(10, ge=1, le=10_000, description="federated rounds")
+    rounds: int = Field(12, ge=1, le=10_000, description="federated rounds")
     local_epochs: float = Field(1.0, gt=0.0, description="passes over the node's data per round")
     batch_size: int = Field(128, ge=2, le=4096)
     lr: float = Field(0.1, gt=0.0, description="peak client learning rate")
@@ -109,8 +110,13 @@ class FederationConfig(Section):
     min_fraction: float = Field(
         0.5, ge=0.0, le=1.0, description="fraction of nodes that must report for a round to count"
     )
+    bn_calibration_images: int = Field(
+        1024, ge=0, description="images per node used to recompute the fused model's BatchNorm "
+        "statistics after each round; 0 = keep the averaged statistics"
+    )
     round_timeout: float = Field(
-        0.0, ge=0.0, description="seconds a node may take per round; 0 = no limit"
+        0.0, ge=0.0, description="seconds a node may train per round, counted once its data is "
+        "loaded; 0 = no limit"
     )
 
 
@@ -205,13 +211,28 @@ def _format_errors(error: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}), {error.error_count()} problem(s):"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            known = ", ".join(sorted(leaf_keys()))
-            lines.append(f"  - {key}: unknown key; known keys are: {known}")
-            continue
         got = item.get("input")
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key (got {got!r}); {_unknown_key_hint(item['loc'])}")
+            continue
         lines.append(f"  - {key}: {item['msg']} (got {got!r})")
     return "\n".join(lines)
+
+
+def _unknown_key_hint(location: tuple[int | str, ...]) -> str:
+    """Say where an unknown key belongs, or which keys its section accepts."""
+    name = str(location[-1])
+    section = str(location[0]) if len(location) > 1 else None
+    model = SECTIONS.get(section) if section else None
+    known = [_kebab(field) for field in model.model_fields] if model else ["seed", *SECTIONS]
+    home = leaf_keys().get(name) or leaf_keys().get(_kebab(name))
+    if home is not None and home[0] != section:
+        place = f"in section {home[0]!r}" if home[0] else "at the top level"
+        return f"it belongs {place} as {home[1]!r}"
+    close = difflib.get_close_matches(_kebab(name), known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    where = f"section {section!r}" if model else "the top level"
+    return f"{hint}{where} accepts: {', '.join(known)}"
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:

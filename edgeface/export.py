@@ -39,6 +39,9 @@ MIN_OPSET = 18
 # Batch size of the example input. torch.export specializes dimensions of size 0 and 1, so the
 # example needs at least 2 images for the batch axis to stay dynamic.
 _EXAMPLE_BATCH = 2
+# Pairs closer than this to the decision threshold (in cosine similarity) are not used to
+# compare decisions, because float rounding of about 1e-7 can flip them.
+DECISION_MARGIN = 1e-4
 _MAX_CAUSE_CHARS = 800
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -305,8 +308,8 @@ def check_parity(
     than the threshold means "same person". The check does not raise on a mismatch, so pass
     the result to `require_parity`.
 
-    NOTE: a pair whose similarity lies within float rounding error of the threshold can flip
-    its decision even when the embeddings pass `np.allclose`.
+    Pairs whose eager similarity lies within `DECISION_MARGIN` of the threshold are left out of
+    the decision comparison, because float rounding alone can flip them.
 
     Raises:
         DataError: invalid images.
@@ -321,6 +324,13 @@ def check_parity(
     eager = embed_eager(backbone, images)
     session = onnx_session(onnx_path)
     expected_decisions = _decisions(eager, pair_array, threshold)
+    # Pairs whose eager similarity lies within DECISION_MARGIN of the threshold can flip from
+    # float rounding alone (seen with collapsed embeddings of an undertrained model, where the
+    # threshold sits near 1.0). They are left out of the decision check; the embeddings
+    # themselves are still compared with rtol and atol.
+    decided = None
+    if expected_decisions is not None:
+        decided = np.abs(_similarities(eager, pair_array) - threshold) > DECISION_MARGIN
     batch_sizes = [1, len(images)]
     max_abs_diff, close, mismatched = 0.0, True, 0
     for batch_size in batch_sizes:
@@ -329,7 +339,7 @@ def check_parity(
         close = close and bool(np.allclose(actual, eager, rtol=rtol, atol=atol))
         if expected_decisions is not None:
             changed = _decisions(actual, pair_array, threshold) != expected_decisions
-            mismatched = max(mismatched, int(changed.sum()))
+            mismatched = max(mismatched, int((changed & decided).sum()))
 
     result = ParityResult(
         max_abs_diff=max_abs_diff,
@@ -377,9 +387,12 @@ def _decisions(
     """Return True for each pair whose cosine similarity is greater than the threshold."""
     if pairs is None or threshold is None:
         return None
+    return _similarities(embeddings, pairs) > threshold
+
+
+def _similarities(embeddings: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     # The embeddings have unit norm, so the dot product is the cosine similarity.
-    similarity = np.sum(embeddings[pairs[:, 0]] * embeddings[pairs[:, 1]], axis=1)
-    return similarity > threshold
+    return np.sum(embeddings[pairs[:, 0]] * embeddings[pairs[:, 1]], axis=1)
 
 
 def require_parity(result: ParityResult) -> None:

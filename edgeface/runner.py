@@ -3,73 +3,151 @@
 The run directory holds everything a run writes and needs to resume:
 
     config.yaml          effective configuration
-    state.json           rounds completed, MLflow parent run id, status
+    state.json           rounds completed, MLflow parent run id, dataset fingerprint, status
     partition.json       partition report;  manifests/node-k.json  per-node file lists
-    nodes/node-k/        node-local state (classification head); never read by the server
+    nodes/node-k/        node-local state (classification head of each round); never read by
+                         the server
     rounds/round-r/      per-round update files, deleted after aggregation
     checkpoints/         fused backbone and server state after each completed round
     model/               ONNX export;  summary.json  final metrics and pointers
 
-Every file is written to a temporary name and renamed, so killing the run at any moment
-leaves the last completed round intact; `edgeface run --resume RUN_DIR` continues from it.
+The run directory is created only after the dataset and the partition have been checked, so a
+run rejected for bad input leaves nothing behind; state.json marks a folder as holding a run.
+config.yaml, state.json, the checkpoints and the node files are written to a temporary name and
+renamed, and partition.json and the manifests are rewritten on every resume, so killing the run
+at any moment leaves the last completed round intact: `edgeface run --resume RUN_DIR`
+continues from it. Round numbers in file names, MLflow steps and tags count from 0; log lines
+count from 1. docs/fault-tolerance.md describes failed nodes, the quorum, resume and Ctrl-C.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import yaml
 
 from edgeface import __version__, steps
+from edgeface.aggregation import NodeUpdate, validate_update
 from edgeface.config import RunConfig
 from edgeface.data.cache import dataset_fingerprint
-from edgeface.errors import EdgefaceError, QuorumError
-from edgeface.workers import NodeProcess, plan_parallelism
+from edgeface.errors import DataError, EdgefaceError, QuorumError
+from edgeface.workers import FAULT_KINDS, NodeProcess, plan_parallelism
+
+if TYPE_CHECKING:
+    from edgeface.aggregation import Strategy
+    from edgeface.data.partition import Partition
+    from edgeface.data.protocol import EvaluationPlan
+    from edgeface.evaluation import EvaluationResult
+    from edgeface.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_KEPT = 2
+# MLflow 3.17.2 accepts tag values up to 8,000 characters. Failure reasons are cut well below.
+MAX_REASON_TAG_CHARS = 2000
 
 
 @dataclass
 class RoundOutcome:
-    """Replies of one round: successful updates and failed nodes with reasons."""
+    """Replies of one round: usable updates, and the dropped nodes with their reasons.
+
+    `failures` are nodes that returned no update (crash, timeout, exception). `rejected` are
+    nodes whose update could not be aggregated (non-finite values, wrong keys or shapes).
+    """
 
     updates: dict[str, tuple[Path, int, dict[str, float]]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    def dropped(self) -> dict[str, str]:
+        """Return node -> reason for every node left out of this round's aggregation."""
+        rejected = {name: f"update rejected: {reason}" for name, reason in self.rejected.items()}
+        return {**self.failures, **rejected}
+
+
+@dataclass
+class TrainingResult:
+    """The federated rounds of a run, before ONNX export and registration.
+
+    `history` has one entry per round: aggregation metrics, failed and rejected node counts,
+    and the evaluation metrics of the rounds that were evaluated.
+    """
+
+    global_state: dict[str, torch.Tensor]
+    evaluation: EvaluationResult
+    threshold: float
+    history: list[dict[str, float]]
+    parent_run_id: str
 
 
 def parse_faults(spec: str | None) -> dict[tuple[str, int], str]:
     """Parse EDGEFACE_FAULTS, e.g. "node-1:crash@2,node-3:hang@0", into {(node, round): kind}.
 
-    A test hook: the named node crashes (SIGKILL), hangs or raises in that round.
+    A test hook: in that round (counted from 0) the named node fails as `kind` specifies, one
+    of `edgeface.workers.FAULT_KINDS`: crash, hang, error or nan.
+
+    Raises:
+        EdgefaceError: an entry is not NODE:KIND@ROUND, or its kind is unknown.
     """
     faults: dict[tuple[str, int], str] = {}
-    for item in filter(None, (spec or "").split(",")):
+    for item in filter(None, (part.strip() for part in (spec or "").split(","))):
         try:
             node, rest = item.split(":")
             kind, round_text = rest.split("@")
-            faults[(node.strip(), int(round_text))] = kind.strip()
+            round_index = int(round_text)
         except ValueError:
             raise EdgefaceError(
                 f"invalid EDGEFACE_FAULTS entry {item!r}: expected NODE:KIND@ROUND, "
                 "e.g. node-1:crash@2"
             ) from None
+        kind = kind.strip()
+        if kind not in FAULT_KINDS:
+            raise EdgefaceError(
+                f"invalid EDGEFACE_FAULTS entry {item!r}: unknown fault kind {kind!r}, "
+                f"expected one of {', '.join(FAULT_KINDS)}"
+            )
+        faults[(node.strip(), round_index)] = kind
     return faults
 
 
+def _update_problem(node: str, path: Path, num_samples: int,
+                    global_state: dict[str, torch.Tensor]) -> str | None:
+    """Return why the update file of `node` cannot be aggregated, or None when it can."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        return f"cannot read the update file {path}: {error}"
+    update = NodeUpdate(node=node, state=state, num_samples=num_samples)
+    return validate_update(update, global_state)
+
+
+def _write_text_atomic(text: str, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 class LocalRunner:
-    """Runs every step of a federated training job on this machine."""
+    """Runs every step of a federated training job on this machine.
+
+    `run()` does the whole job. `train()` stops after the rounds and their evaluation, for
+    tests and debugging, and `edgeface run --resume` can complete such a run directory later.
+    """
 
     def __init__(self, config: RunConfig, data_dir: Path, run_dir: Path, *,
                  resume: bool = False, progress: bool = True) -> None:
@@ -81,8 +159,10 @@ class LocalRunner:
         self.cache_dir = steps.resolve_cache_dir(config)
         self.timings: dict[str, float] = {}
         self.workers: dict[str, NodeProcess] = {}
+        self.parallel = 1
         self.faults = parse_faults(os.environ.get("EDGEFACE_FAULTS"))
         self.history: list[dict[str, float]] = []
+        self._lock: IO[str] | None = None
 
     # --- run state ----------------------------------------------------------------------
 
@@ -91,21 +171,34 @@ class LocalRunner:
         return self.run_dir / "state.json"
 
     def _read_state(self) -> dict[str, Any]:
-        import json
-
         if not self.state_path.exists():
             return {}
-        return json.loads(self.state_path.read_text())
+        try:
+            return json.loads(self.state_path.read_text())
+        except ValueError as error:
+            raise EdgefaceError(
+                f"run state {self.state_path} is not valid JSON ({error}): it was edited by "
+                "hand; restore it or start a new run directory"
+            ) from None
 
     def _write_state(self, **updates: Any) -> None:
         state = self._read_state()
         state.update(updates)
         steps.write_json_atomic(state, self.state_path)
 
+    def _rounds_completed(self) -> int:
+        return int(self._read_state().get("rounds_completed", 0))
+
     def _checkpoint_path(self, round_index: int) -> Path:
         return self.run_dir / "checkpoints" / f"round-{round_index:04d}.pt"
 
-    def _save_checkpoint(self, round_index: int, global_state, strategy) -> None:
+    def _save_checkpoint(self, round_index: int, global_state: dict[str, torch.Tensor],
+                         strategy: Strategy) -> None:
+        """Write round `round_index`'s checkpoint, then record it in state.json.
+
+        A kill between the two leaves state.json at the previous round, whose checkpoint is
+        still there, because only checkpoints older than the last CHECKPOINTS_KEPT go.
+        """
         payload = {"round": round_index, "global_state": global_state,
                    "strategy_state": strategy.state_dict(), "seed": self.config.seed,
                    "config_hash": self.config.config_hash(), "history": self.history}
@@ -115,11 +208,18 @@ class LocalRunner:
             old.unlink(missing_ok=True)
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
-        completed = self._read_state().get("rounds_completed", 0)
+        completed = self._rounds_completed()
         if not completed:
             return None
         path = self._checkpoint_path(completed - 1)
-        checkpoint = torch.load(path, weights_only=False)
+        try:
+            checkpoint = torch.load(path, weights_only=False)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+            raise EdgefaceError(
+                f"cannot resume {self.run_dir}: state.json records {completed} completed "
+                f"round(s), but checkpoint {path} cannot be read ({error}). Restore that file, "
+                "or start a new run directory"
+            ) from None
         if checkpoint["config_hash"] != self.config.config_hash():
             raise EdgefaceError(
                 f"cannot resume {self.run_dir}: its checkpoint was made with config hash "
@@ -128,62 +228,188 @@ class LocalRunner:
             )
         return checkpoint
 
+    def _check_run_dir(self) -> None:
+        """Reject a new run into a folder that contains a run, and a resume that cannot work."""
+        if not self.resume:
+            if self.state_path.exists():
+                raise EdgefaceError(
+                    f"run directory {self.run_dir} already holds a run: resume it with "
+                    f"`edgeface run --resume {self.run_dir}`, or choose a new --out folder"
+                )
+            return
+        if not self.state_path.exists():
+            raise EdgefaceError(
+                f"cannot resume {self.run_dir}: no state.json there. Pass the folder of an "
+                "earlier `edgeface run --out`, or start a new run without --resume"
+            )
+        state = self._read_state()
+        if state.get("status") == "finished":
+            raise EdgefaceError(
+                f"cannot resume {self.run_dir}: the run has finished (see summary.json there). "
+                "Start a new run with another --out folder"
+            )
+        saved_hash = state.get("config_hash")
+        if saved_hash and saved_hash != self.config.config_hash():
+            raise EdgefaceError(
+                f"cannot resume {self.run_dir}: it was started with config hash {saved_hash}, "
+                f"not {self.config.config_hash()}. Resume with the run's own config.yaml and no "
+                "config flags, or start a new run directory"
+            )
+
+    def _check_fingerprint(self, fingerprint: str) -> None:
+        saved = self._read_state().get("dataset_fingerprint") if self.resume else None
+        if saved and saved != fingerprint:
+            raise DataError(
+                f"cannot resume {self.run_dir}: the training images under {self.data_dir} "
+                f"changed since the run started (dataset fingerprint {saved}, now "
+                f"{fingerprint}). Resume with the original images, or start a new run"
+            )
+
+    def _lock_run_dir(self) -> None:
+        """Hold an exclusive lock on the run directory until the run ends, even if killed."""
+        import fcntl
+
+        handle = open(self.run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise EdgefaceError(
+                f"run directory {self.run_dir} is in use by another edgeface process: wait for "
+                "it to end or stop it, then retry"
+            ) from None
+        self._lock = handle
+
+    def _unlock_run_dir(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the flock
+            self._lock = None
+
+    def _create_run_state(self, fingerprint: str) -> None:
+        _write_text_atomic(yaml.safe_dump(self.config.to_dict(), sort_keys=False),
+                           self.run_dir / "config.yaml")
+        self._write_state(rounds_completed=0, status="starting", version=__version__,
+                          data_dir=str(self.data_dir.resolve()),
+                          config_hash=self.config.config_hash(),
+                          dataset_fingerprint=fingerprint)
+
+    def _remove_leftovers(self) -> None:
+        """Delete what an interrupted attempt left: round folders and temporary files."""
+        shutil.rmtree(self.run_dir / "rounds", ignore_errors=True)
+        for temporary in self.run_dir.rglob(".*.tmp"):
+            temporary.unlink(missing_ok=True)
+
     # --- the job ------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Run all steps and return the summary that is also written to summary.json."""
-        from edgeface import tracking
+        """Run all steps and return the summary that is also written to summary.json.
 
+        Raises:
+            EdgefaceError: bad input (before the run directory is created), a round below
+                the quorum, or a failed export or registration. Completed rounds stay in the
+                run directory, and `edgeface run --resume` continues from them.
+            KeyboardInterrupt: Ctrl-C. The workers are stopped first.
+        """
         started = time.perf_counter()
-        self._prepare_run_dir()
-        with steps.timed("plan", self.timings):
-            images_root, _, plan = steps.plan_step(self.data_dir, self.config)
-            fingerprint = dataset_fingerprint(images_root, plan.train_records)
-        with steps.timed("partition", self.timings):
-            shards = steps.partition_step(plan.train_records, self.config, self.run_dir)
-
-        tracking_uri = tracking.resolve_tracking_uri(self.config.tracking.tracking_uri, Path.cwd())
-        tracker = tracking.Tracker(tracking_uri, self.config.tracking.experiment)
-        parent = self._start_parent_run(tracker, fingerprint)
-        status = "FAILED"
-        try:
-            summary = self._run_tracked(tracker, parent, images_root, plan, shards, fingerprint)
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            self._write_state(status="interrupted")
-            logger.error("interrupted: resume with `edgeface run --resume %s`", self.run_dir)
-            raise
-        except BaseException:
-            self._write_state(status="failed")
-            raise
-        finally:
-            self._stop_workers()
-            tracker.end_run(parent, status)
+        summary = self._execute(export=True)
         summary["timings"]["total"] = time.perf_counter() - started
         steps.write_json_atomic(summary, self.run_dir / "summary.json")
         return summary
 
-    def _prepare_run_dir(self) -> None:
-        config_path = self.run_dir / "config.yaml"
-        if self.resume:
-            if not self.state_path.exists():
-                raise EdgefaceError(
-                    f"cannot resume {self.run_dir}: no state.json there. Pass the folder of an "
-                    "earlier `edgeface run --out`, or start a new run without --resume"
-                )
-            return
-        if self.state_path.exists():
-            raise EdgefaceError(
-                f"run directory {self.run_dir} already holds a run: resume it with "
-                f"`edgeface run --resume {self.run_dir}`, or choose a new --out folder"
-            )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-        self._write_state(rounds_completed=0, status="starting", version=__version__,
-                          data_dir=str(self.data_dir.resolve()))
+    def train(self) -> TrainingResult:
+        """Run the rounds and their evaluation only: no ONNX export, registration or summary.
 
-    def _start_parent_run(self, tracker, fingerprint: str) -> str:
+        Meant for tests and debugging of the federated rounds. The MLflow parent run ends as
+        FINISHED, and state.json gets status "trained", so `edgeface run --resume RUN_DIR`
+        can still export and register the final checkpoint. Raises as `run` does.
+        """
+        return self._execute(export=False)
+
+    def _execute(self, *, export: bool) -> Any:
+        from edgeface import tracking
+
+        self._check_run_dir()
+        self._check_faults()
+        tracking_uri = tracking.resolve_tracking_uri(self.config.tracking.tracking_uri,
+                                                     Path.cwd())
+        if self.resume:
+            self._lock_run_dir()
+        try:
+            images_root, plan, shards, fingerprint = self._plan_and_partition()
+            tracker = tracking.Tracker(tracking_uri, self.config.tracking.experiment)
+            parent = self._start_parent_run(tracker, fingerprint)
+            return self._run_with_parent(tracker, parent, images_root, plan, shards,
+                                         fingerprint, export)
+        finally:
+            self._unlock_run_dir()
+
+    def _plan_and_partition(self) -> tuple[Path, EvaluationPlan, Partition, str]:
+        """Check the dataset and the partition, then create or reopen the run directory.
+
+        Nothing is written before the partition succeeds, so `--nodes` too large for the
+        dataset or a dataset with no usable images leaves no run directory behind.
+        """
+        with steps.timed("plan", self.timings):
+            images_root, _, plan = steps.plan_step(self.data_dir, self.config)
+            fingerprint = dataset_fingerprint(images_root, plan.train_records)
+        self._check_fingerprint(fingerprint)
+        with steps.timed("partition", self.timings):
+            shards = steps.partition_step(plan.train_records, self.config, self.run_dir)
+        if self.resume:
+            self._remove_leftovers()
+        else:
+            self._lock_run_dir()
+            self._check_run_dir()  # again, now that no other process can create a run here
+            self._create_run_state(fingerprint)
+        return images_root, plan, shards, fingerprint
+
+    def _check_faults(self) -> None:
+        nodes, rounds = self.config.partition.nodes, self.config.train.rounds
+        names = {f"node-{k}" for k in range(nodes)}  # the names `partition` gives
+        for node, round_index in sorted(self.faults):
+            if node not in names or not 0 <= round_index < rounds:
+                raise EdgefaceError(
+                    f"EDGEFACE_FAULTS names {node} in round {round_index}, but this run has "
+                    f"nodes node-0 to node-{nodes - 1} and rounds 0 to {rounds - 1}"
+                )
+
+    def _run_with_parent(self, tracker: Tracker, parent: str, images_root: Path,
+                         plan: EvaluationPlan, shards: Partition, fingerprint: str,
+                         export: bool) -> Any:
+        """Run the tracked steps, record how they ended, and always stop the workers."""
+        status = "FAILED"
+        try:
+            outcome = self._run_tracked(tracker, parent, images_root, plan, shards,
+                                        fingerprint, export)
+            status = "FINISHED"
+            return outcome
+        except KeyboardInterrupt:
+            status = "KILLED"
+            self._write_state(status="interrupted")
+            logger.error("interrupted after %d of %d rounds: resume with "
+                         "`edgeface run --resume %s`", self._rounds_completed(),
+                         self.config.train.rounds, self.run_dir)
+            raise
+        except BaseException:
+            self._write_state(status="failed")
+            logger.error("run failed after %d of %d rounds; the completed rounds are kept: "
+                         "fix the cause, then resume with `edgeface run --resume %s`",
+                         self._rounds_completed(), self.config.train.rounds, self.run_dir)
+            raise
+        finally:
+            self._stop_workers()
+            self._end_parent_run(tracker, parent, status)
+
+    def _end_parent_run(self, tracker: Tracker, parent: str, status: str) -> None:
+        try:
+            tracker.end_run(parent, status)
+        except Exception as error:
+            if status == "FINISHED":
+                raise
+            # Another error is on its way up; this one must not replace it.
+            logger.error("could not mark MLflow run %s as %s: %s", parent, status, error)
+
+    def _start_parent_run(self, tracker: Tracker, fingerprint: str) -> str:
         state = self._read_state()
         tags = {"edgeface.dataset_fingerprint": fingerprint,
                 "edgeface.config_hash": self.config.config_hash(),
@@ -194,8 +420,9 @@ class LocalRunner:
         self._write_state(parent_run_id=parent, tracking_uri=tracker.tracking_uri)
         return parent
 
-    def _run_tracked(self, tracker, parent: str, images_root: Path, plan, shards,
-                     fingerprint: str) -> dict[str, Any]:
+    def _run_tracked(self, tracker: Tracker, parent: str, images_root: Path,
+                     plan: EvaluationPlan, shards: Partition, fingerprint: str,
+                     export: bool) -> Any:
         tracker.log_artifact(parent, self.run_dir / "partition.json")
         children = {node.name: tracker.start_child(node.name, parent_run_id=parent)
                     for node in shards.nodes}
@@ -205,12 +432,17 @@ class LocalRunner:
                                                   progress=self.progress)
         global_state, result, threshold = self._train_rounds(tracker, parent, children,
                                                              evaluation)
+        # The workers are idle from here on; their memory and cores go to the export.
+        self._stop_workers()
+        if not export:
+            self._write_state(status="trained")
+            return TrainingResult(global_state, result, threshold, list(self.history), parent)
         return self._finish(tracker, parent, global_state, evaluation, result, threshold,
                             node_reports, fingerprint)
 
     # --- workers ------------------------------------------------------------------------
 
-    def _start_workers(self, images_root: Path, shards) -> dict[str, dict[str, Any]]:
+    def _start_workers(self, images_root: Path, shards: Partition) -> dict[str, dict[str, Any]]:
         parallel, threads = plan_parallelism(len(shards.nodes), self.config.train.max_parallel,
                                              self.config.train.threads_per_worker)
         self.parallel = parallel
@@ -230,7 +462,7 @@ class LocalRunner:
         failed = {name: reply["error"] for name, reply in replies.items() if not reply.get("ok")}
         if failed:
             details = "; ".join(f"{name}: {error}" for name, error in sorted(failed.items()))
-            raise EdgefaceError(f"data preparation failed on {len(failed)} node(s): {details}")
+            raise DataError(f"data preparation failed on {len(failed)} node(s): {details}")
         steps.check_validation({n: (r["checked"], [tuple(b) for b in r["bad"]])
                                 for n, r in replies.items()}, self.config.data.max_bad_fraction)
         for name, reply in sorted(replies.items()):
@@ -244,59 +476,49 @@ class LocalRunner:
         """Send requests to nodes, at most `self.parallel` at once, and collect the replies.
 
         A node that dies, raises or exceeds `timeout` seconds (0 = no limit) gets a reply
-        {"ok": False, "error": reason}; a timed-out node's process is killed.
+        {"ok": False, "error": reason}, and a timed-out node's process is killed. A request
+        with "notify_start" gets `timeout` twice: once to start up and load its data, once to
+        train.
         """
         pending = sorted(requests)
-        running: dict[str, float] = {}
+        running: dict[str, tuple[float, str]] = {}
         replies: dict[str, dict[str, Any]] = {}
         while pending or running:
             while pending and len(running) < self.parallel:
                 name = pending.pop(0)
                 self.workers[name].send(requests[name])
-                running[name] = time.monotonic()
+                running[name] = (time.monotonic(), "while starting up and loading its data")
             self._collect(running, replies, timeout)
-        for name, reply in replies.items():
+        for name, reply in sorted(replies.items()):
             if not reply.get("ok"):
                 logger.warning("%s failed to %s: %s", name, what, reply.get("error"))
         return replies
 
-    def _collect(self, running: dict[str, float], replies: dict[str, dict[str, Any]],
-                 timeout: float) -> None:
-        handles = {}
+    def _collect(self, running: dict[str, tuple[float, str]],
+                 replies: dict[str, dict[str, Any]], timeout: float) -> None:
+        """Wait up to 1 s for the running nodes, and move each finished one into `replies`."""
+        handles: dict[Any, str] = {}
         for name in running:
             worker = self.workers[name]
             handles[worker.connection] = name
             handles[worker.process.sentinel] = name
-        ready = wait(list(handles), timeout=1.0)
-        finished: set[str] = set()
-        for handle in ready:
-            name = handles[handle]
-            if name in finished:
-                continue
-            worker = self.workers[name]
-            try:
-                if worker.connection.poll():
-                    replies[name] = worker.receive()
-                    finished.add(name)
-                    continue
-            except (EOFError, OSError):
-                pass
-            if not worker.is_alive():
-                code = worker.process.exitcode if worker.process else None
-                reason = (f"process killed by signal {-code}" if code is not None and code < 0
-                          else f"process exited with code {code}")
-                replies[name] = {"ok": False, "error": reason}
-                worker.kill()
-                finished.add(name)
+        ready = {handles[handle] for handle in wait(list(handles), timeout=1.0)}
         now = time.monotonic()
-        for name, since in running.items():
-            if name not in finished and timeout and now - since > timeout:
+        for name in sorted(ready):
+            message = self.workers[name].poll_message()
+            if message is None:
+                continue
+            if "event" in message:  # training started: the round timeout counts from now
+                running[name] = (now, "of training")
+                continue
+            replies[name] = message
+            del running[name]
+        for name, (since, phase) in list(running.items()):
+            if timeout and now - since > timeout:
                 self.workers[name].kill()
-                replies[name] = {"ok": False,
-                                 "error": f"timed out after {timeout:g} s (round-timeout)"}
-                finished.add(name)
-        for name in finished:
-            running.pop(name, None)
+                replies[name] = {"ok": False, "error": f"timed out after {timeout:g} s "
+                                 f"{phase} (round-timeout)"}
+                del running[name]
 
     def _stop_workers(self) -> None:
         for worker in self.workers.values():
@@ -304,100 +526,196 @@ class LocalRunner:
 
     # --- rounds -------------------------------------------------------------------------
 
-    def _train_rounds(self, tracker, parent: str, children: dict[str, str], evaluation):
+    def _train_rounds(self, tracker: Tracker, parent: str, children: dict[str, str],
+                      evaluation: steps.EvaluationSet,
+                      ) -> tuple[dict[str, torch.Tensor], EvaluationResult, float]:
         config = self.config
         strategy = steps.make_strategy(config, len(self.workers))
-        checkpoint = self._load_checkpoint() if self.resume else None
-        if checkpoint is None:
-            first_round, global_state = 0, steps.initial_state(config)
-        else:
-            first_round, global_state = checkpoint["round"] + 1, checkpoint["global_state"]
-            strategy.load_state_dict(checkpoint["strategy_state"])
-            self.history = checkpoint["history"]
-            logger.info("resuming %s after round %d of %d", self.run_dir, first_round,
-                        config.train.rounds)
-        result, threshold = None, None
+        first_round, global_state = self._restore(strategy)
+        result = None
         for round_index in range(first_round, config.train.rounds):
             global_state = self._one_round(round_index, global_state, strategy, tracker,
                                            parent, children)
             last = round_index == config.train.rounds - 1
             every = config.evaluation.eval_every
             if last or (every and (round_index + 1) % every == 0):
-                with steps.timed("evaluate", self.timings):
-                    result, _ = steps.evaluate_step(global_state, evaluation, config)
-                metrics = result.metrics()
-                tracker.log_metrics(parent, metrics, step=round_index)
-                self.history[-1].update(metrics)
-                logger.info("round %d/%d: fused model verification accuracy %.4f +- %.4f",
-                            round_index + 1, config.train.rounds,
-                            result.verification.accuracy_mean, result.verification.accuracy_std)
+                result = self._evaluate_round(round_index, global_state, evaluation, tracker,
+                                              parent)
             self._save_checkpoint(round_index, global_state, strategy)
         if result is None:  # resumed after the last round: evaluate the final checkpoint
-            result, _ = steps.evaluate_step(global_state, evaluation, config)
-        threshold = float(result.verification.threshold)
-        return global_state, result, threshold
+            with steps.timed("evaluate", self.timings):
+                result, _ = steps.evaluate_step(global_state, evaluation, config)
+        return global_state, result, float(result.verification.threshold)
 
-    def _one_round(self, round_index: int, global_state, strategy, tracker, parent: str,
-                   children: dict[str, str]):
+    def _restore(self, strategy: Strategy) -> tuple[int, dict[str, torch.Tensor]]:
+        """Return the first round to train and the global state it starts from."""
+        checkpoint = self._load_checkpoint() if self.resume else None
+        if checkpoint is None:
+            self.history = []
+            return 0, steps.initial_state(self.config)
+        strategy.load_state_dict(checkpoint["strategy_state"])
+        self.history = checkpoint["history"]
+        first_round = checkpoint["round"] + 1
+        logger.info("resuming %s after round %d of %d", self.run_dir, first_round,
+                    self.config.train.rounds)
+        return first_round, checkpoint["global_state"]
+
+    def _evaluate_round(self, round_index: int, global_state: dict[str, torch.Tensor],
+                        evaluation: steps.EvaluationSet, tracker: Tracker,
+                        parent: str) -> EvaluationResult:
+        with steps.timed("evaluate", self.timings):
+            result, _ = steps.evaluate_step(global_state, evaluation, self.config)
+        metrics = result.metrics()
+        tracker.log_metrics(parent, metrics, step=round_index)
+        self.history[-1].update(metrics)
+        logger.info("round %d/%d: fused model verification accuracy %.4f +- %.4f",
+                    round_index + 1, self.config.train.rounds,
+                    result.verification.accuracy_mean, result.verification.accuracy_std)
+        return result
+
+    def _one_round(self, round_index: int, global_state: dict[str, torch.Tensor],
+                   strategy: Strategy, tracker: Tracker, parent: str,
+                   children: dict[str, str]) -> dict[str, torch.Tensor]:
+        """Train every node once from `global_state`, drop failed nodes, fuse the rest.
+
+        Raises:
+            QuorumError: fewer than the quorum of nodes returned a usable update. The message
+                names every dropped node and why.
+        """
         config = self.config
         round_dir = self.run_dir / "rounds" / f"round-{round_index:04d}"
-        global_path = steps.save_atomic(global_state, round_dir / "global.pt")
-        logger.info("round %d/%d: training %d nodes (lr %.4f)", round_index + 1,
-                    config.train.rounds, len(self.workers),
-                    steps.round_learning_rate(config.train, round_index))
+        shutil.rmtree(round_dir, ignore_errors=True)
+        try:
+            global_path = steps.save_atomic(global_state, round_dir / "global.pt")
+            logger.info("round %d/%d: training %d nodes (lr %.4f)", round_index + 1,
+                        config.train.rounds, len(self.workers),
+                        steps.round_learning_rate(config.train, round_index))
+            with steps.timed("train", self.timings):
+                replies = self._dispatch(self._train_requests(round_index, global_path),
+                                         timeout=config.federation.round_timeout,
+                                         what=f"train round {round_index + 1}")
+            outcome = self._screen_replies(round_index, replies, global_state)
+            self._log_node_results(tracker, children, round_index, replies, outcome)
+            self._check_quorum(round_index, outcome, strategy)
+            with steps.timed("aggregate", self.timings):
+                aggregated = steps.aggregate_step(strategy, global_state, outcome.updates)
+            if config.federation.bn_calibration_images:
+                with steps.timed("bn_calibration", self.timings):
+                    aggregated.state = self._calibrate_batchnorm(round_index, aggregated.state,
+                                                                 round_dir)
+        finally:
+            shutil.rmtree(round_dir, ignore_errors=True)
+        rejected = len(outcome.rejected) + len(aggregated.rejected)
+        round_metrics = {**aggregated.metrics, "failed_nodes": float(len(outcome.failures)),
+                         "rejected_nodes": float(rejected)}
+        tracker.log_metrics(parent, round_metrics, step=round_index)
+        dropped = outcome.dropped()
+        logger.info("round %d/%d: %d of %d nodes reported (%s), fused %d%s", round_index + 1,
+                    config.train.rounds, len(outcome.updates), len(self.workers),
+                    ", ".join(sorted(outcome.updates)), len(aggregated.accepted),
+                    f"; dropped {', '.join(sorted(dropped))}" if dropped else "")
+        self.history.append({"round": float(round_index), **round_metrics})
+        return aggregated.state
+
+    def _calibrate_batchnorm(self, round_index: int, fused_state: dict[str, torch.Tensor],
+                             round_dir: Path) -> dict[str, torch.Tensor]:
+        """Replace the fused model's averaged BatchNorm statistics with pooled node statistics.
+
+        Each reachable node recomputes the statistics of the fused backbone on its own images
+        (see `steps.calibrate_batchnorm`). Nodes that fail here are skipped with a warning;
+        with no node left, the averaged statistics stay.
+        """
+        fused_path = steps.save_atomic(fused_state, round_dir / "fused.pt")
+        requests = {name: {"op": "calibrate", "round": round_index,
+                           "global_state_path": str(fused_path),
+                           "stats_path": str(round_dir / "bn" / f"{name}.pt")}
+                    for name in self.workers}
+        replies = self._dispatch(requests, timeout=self.config.federation.round_timeout,
+                                 what=f"recompute BatchNorm statistics in round {round_index + 1}")
+        stats = {name: (Path(reply["stats_path"]), int(reply["num_samples"]))
+                 for name, reply in replies.items() if reply.get("ok")}
+        if not stats:
+            logger.warning("round %d: no node recomputed BatchNorm statistics; keeping the "
+                           "averaged ones", round_index + 1)
+            return fused_state
+        logger.info("round %d/%d: recomputed BatchNorm statistics on %d images from %d nodes",
+                    round_index + 1, self.config.train.rounds,
+                    sum(count for _, count in stats.values()), len(stats))
+        return steps.merge_batchnorm_stats(fused_state, stats)
+
+    def _train_requests(self, round_index: int, global_path: Path) -> dict[str, dict[str, Any]]:
+        updates_dir = global_path.parent / "updates"
         requests = {}
         for name in self.workers:
             request = {"op": "train", "round": round_index, "global_state_path": str(global_path),
-                       "update_path": str(round_dir / "updates" / f"{name}.pt")}
+                       "update_path": str(updates_dir / f"{name}.pt"), "notify_start": True}
             fault = self.faults.get((name, round_index))
             if fault:
+                logger.warning("round %d: injecting fault %r into %s (EDGEFACE_FAULTS)",
+                               round_index + 1, fault, name)
                 request["fail"] = fault
             requests[name] = request
-        with steps.timed("train", self.timings):
-            replies = self._dispatch(requests, timeout=config.federation.round_timeout,
-                                     what=f"train round {round_index + 1}")
+        return requests
+
+    def _screen_replies(self, round_index: int, replies: dict[str, dict[str, Any]],
+                        global_state: dict[str, torch.Tensor]) -> RoundOutcome:
+        """Sort the replies into usable updates, failed nodes and rejected updates.
+
+        An update is rejected for the reasons `edgeface.aggregation.validate_update` gives
+        (NaN or infinity, keys, shapes, dtypes), or when its file cannot be read. The strategy
+        checks again when it aggregates.
+        """
         outcome = RoundOutcome()
         for name, reply in sorted(replies.items()):
-            if reply.get("ok"):
-                outcome.updates[name] = (Path(reply["update_path"]), reply["num_samples"],
-                                         reply["metrics"])
-                tracker.log_metrics(children[name], {**reply["metrics"], "failed": 0.0},
-                                    step=round_index)
-            else:
+            if not reply.get("ok"):
                 outcome.failures[name] = reply.get("error", "unknown error")
-                tracker.log_metrics(children[name], {"failed": 1.0}, step=round_index)
-        self._check_quorum(round_index, outcome, strategy)
-        with steps.timed("aggregate", self.timings):
-            aggregated = steps.aggregate_step(strategy, global_state, outcome.updates)
-        round_metrics = {**aggregated.metrics, "failed_nodes": float(len(outcome.failures)),
-                         "rejected_nodes": float(len(aggregated.rejected) + len(outcome.failures))}
-        tracker.log_metrics(parent, round_metrics, step=round_index)
-        for name, reason in aggregated.rejected:
-            logger.warning("round %d: rejected the update of %s: %s", round_index + 1, name, reason)
-        reported = ", ".join(sorted(outcome.updates))
-        logger.info("round %d/%d: %d of %d nodes reported (%s), fused %d", round_index + 1,
-                    config.train.rounds, len(outcome.updates), len(self.workers), reported,
-                    len(aggregated.accepted))
-        self.history.append({"round": float(round_index), **round_metrics})
-        shutil.rmtree(round_dir, ignore_errors=True)
-        return aggregated.state
+                continue
+            path, count = Path(reply["update_path"]), reply["num_samples"]
+            reason = _update_problem(name, path, count, global_state)
+            if reason is None:
+                outcome.updates[name] = (path, count, reply["metrics"])
+            else:
+                logger.warning("round %d: rejected the update of %s: %s", round_index + 1,
+                               name, reason)
+                outcome.rejected[name] = reason
+        return outcome
 
-    def _check_quorum(self, round_index: int, outcome: RoundOutcome, strategy) -> None:
+    def _log_node_results(self, tracker: Tracker, children: dict[str, str], round_index: int,
+                          replies: dict[str, dict[str, Any]], outcome: RoundOutcome) -> None:
+        """Log each node's training metrics and `failed` (1 when dropped, else 0) at this round.
+
+        A dropped node's reason goes to its child run as the tag `edgeface.failure.round-NNNN`.
+        """
+        dropped = outcome.dropped()
+        for name, run_id in sorted(children.items()):
+            reply = replies.get(name, {})
+            metrics = dict(reply.get("metrics", {})) if reply.get("ok") else {}
+            metrics["failed"] = 1.0 if name in dropped else 0.0
+            tracker.log_metrics(run_id, metrics, step=round_index)
+            if name in dropped:
+                tracker.set_tags(run_id, {f"edgeface.failure.round-{round_index:04d}":
+                                          dropped[name][:MAX_REASON_TAG_CHARS]})
+
+    def _check_quorum(self, round_index: int, outcome: RoundOutcome, strategy: Strategy) -> None:
         if len(outcome.updates) >= strategy.min_nodes:
             return
-        reasons = "; ".join(f"{n}: {r}" for n, r in sorted(outcome.failures.items()))
+        federation = self.config.federation
+        reasons = "; ".join(f"{n}: {r}" for n, r in sorted(outcome.dropped().items()))
         raise QuorumError(
-            f"round {round_index + 1}: only {len(outcome.updates)} of {len(self.workers)} nodes "
-            f"reported, fewer than the quorum of {strategy.min_nodes} ({reasons}). Earlier rounds "
-            f"are kept: fix the nodes and resume with `edgeface run --resume {self.run_dir}`, "
-            "or lower --min-nodes / --min-fraction"
+            f"round {round_index + 1}/{self.config.train.rounds}: only {len(outcome.updates)} "
+            f"of {len(self.workers)} nodes returned a usable update, fewer than the quorum of "
+            f"{strategy.min_nodes} (min-nodes {federation.min_nodes}, min-fraction "
+            f"{federation.min_fraction:g}). Dropped nodes: {reasons}. The {round_index} "
+            f"completed round(s) are kept in {self.run_dir / 'checkpoints'}: fix the nodes and "
+            f"resume with `edgeface run --resume {self.run_dir}`, or start a new run with a "
+            "lower --min-nodes or --min-fraction"
         )
 
     # --- export, registration, summary --------------------------------------------------
 
     def _finish(self, tracker, parent: str, global_state, evaluation, result, threshold: float,
                 node_reports, fingerprint: str) -> dict[str, Any]:
-        from edgeface import export, tracking
+        from edgeface import export, registry
         from edgeface.model import build_backbone
 
         config = self.config
@@ -421,18 +739,86 @@ class LocalRunner:
                 "edgeface.threshold": threshold, "edgeface.onnx_parity_ok": parity.ok,
                 "edgeface.onnx_max_abs_diff": parity.max_abs_diff,
                 "edgeface.protocol": evaluation.plan.name,
+                "edgeface.crop": json.dumps(list(config.data.crop)),
                 **{f"edgeface.metric.{k}": v for k, v in metrics.items()}}
         with steps.timed("register", self.timings):
             tracker.log_artifact(parent, onnx_path)
-            version = tracking.register_onnx_model(
+            version = registry.register_version(
                 tracker, parent, onnx_path, config.tracking.model_name,
                 image_size=config.data.image_size, embedding_dim=config.model.embedding_dim,
                 tags=tags, alias=config.tracking.alias,
             )
         logger.info("registered %s version %d with alias %r", version.name, version.version,
                     config.tracking.alias)
-        return self._summary(tracker, parent, result, threshold, parity, onnx_path, version,
-                             node_reports, fingerprint)
+        with steps.timed("int8", self.timings):
+            int8 = self._publish_int8(tracker, parent, version, onnx_path, evaluation)
+        summary = self._summary(tracker, parent, result, threshold, parity, onnx_path, version,
+                                node_reports, fingerprint)
+        if int8 is not None:
+            summary["int8"] = {"chosen": int8.chosen.to_dict(), "fp32": int8.fp32.to_dict(),
+                               "candidates": [item.to_dict() for item in int8.candidates]}
+        started = time.perf_counter()
+        summary["report"] = self._publish_report(tracker, parent, summary, evaluation, int8,
+                                                 onnx_path, threshold)
+        summary["timings"]["report"] = round(time.perf_counter() - started, 3)
+        return summary
+
+    def _publish_int8(self, tracker, parent: str, version, onnx_path: Path, evaluation):
+        """Build the int8 variant, log it beside the fp32 model and tag the model version.
+
+        Returns the `quantize.Int8Report`, or None when quantization failed. A failure is
+        recorded in the version tag `edgeface.int8.error` and does not fail the run, because
+        the fp32 model is already registered.
+        """
+        from edgeface import quantize
+        from edgeface.errors import ExportError
+
+        try:
+            variant = quantize.build_int8_variant(onnx_path, evaluation.plan, evaluation.images,
+                                                  evaluation.index, onnx_path.parent)
+        except ExportError as error:
+            logger.warning("no int8 variant for %s version %d: %s", version.name,
+                           version.version, error)
+            tracker.registry.set_version_tags(version.name, version.version,
+                                              {"edgeface.int8.error": str(error)[:1000]})
+            return None
+        tracker.log_artifact(parent, variant.chosen.path)
+        tracker.log_metrics(parent, variant.metrics(), step=self.config.train.rounds - 1)
+        tracker.registry.set_version_tags(version.name, version.version,
+                                          variant.version_tags(variant.chosen.path.name))
+        return variant
+
+    def _publish_report(self, tracker, parent: str, summary: dict[str, Any], evaluation,
+                        int8, onnx_path: Path, threshold: float) -> str | None:
+        """Write run_dir/report/ and log it as the parent run's `report` artifacts.
+
+        Returns the HTML page's path, or None when the report could not be written, which is
+        logged as a warning and does not fail the run.
+        """
+        from edgeface import report
+        from edgeface.inference import open_session, run_session
+
+        data = report.ReportData(title=f"edgeface run {self.run_dir.name}",
+                                 key_numbers=report.summary_key_numbers(summary),
+                                 rounds=self.history)
+        try:
+            data.partition = json.loads((self.run_dir / "partition.json").read_text())
+            children = tracker.find_child_runs(parent)
+            data.node_metrics = {node: {metric: tracker.metric_history(run_id, metric)
+                                        for metric in report.NODE_METRICS}
+                                 for node, run_id in children.items()}
+            if int8 is not None:
+                embeddings = int8.fp32_embeddings
+            else:
+                embeddings = run_session(open_session(onnx_path), evaluation.images)
+            scores, labels = report.score_test_pairs(evaluation.plan, embeddings, evaluation.index)
+            data.roc = report.roc_with_threshold(scores, labels, threshold)
+            page = report.write_report(data, self.run_dir / "report")
+            tracker.log_artifact(parent, page.parent, artifact_path="report")
+        except (OSError, ValueError) as error:
+            logger.warning("could not write the run report: %s", error)
+            return None
+        return str(page.resolve())
 
     def _parity_sample(self, evaluation) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Take up to 64 evaluation faces and the test pairs among them, for the ONNX check."""

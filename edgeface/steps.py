@@ -28,7 +28,7 @@ from edgeface.data.partition import NodeShard, Partition, partition, read_manife
 from edgeface.data.protocol import EvaluationPlan, make_plan
 from edgeface.errors import DataError
 from edgeface.evaluation import EvaluationResult, evaluate_plan
-from edgeface.model import ModelSpec, build_backbone
+from edgeface.model import ModelSpec, build_backbone, to_input
 from edgeface.training import build_face_model, embed, round_learning_rate, train_local
 
 logger = logging.getLogger(__name__)
@@ -172,6 +172,10 @@ def train_node(
     head as the uninterrupted run. Returns scalar metrics; the backbone state goes to
     `update_path`.
     """
+    seed = config.seed * 1_000_003 + round_index * 1_009 + _stable_node_number(data.node)
+    # Seed before building the model: a new head's initial weights must not depend on the
+    # process that happens to train the node.
+    torch.manual_seed(seed)
     spec = model_spec(config)
     model = build_face_model(spec, config.model, len(data.identities))
     model.backbone.load_state_dict(torch.load(global_state_path, weights_only=True))
@@ -180,8 +184,6 @@ def train_node(
         model.head.load_state_dict(torch.load(previous_head, weights_only=True))
     if config.federation.fedbn and round_index > 0:
         _load_local_batchnorm(model.backbone, node_state_dir)
-    seed = config.seed * 1_000_003 + round_index * 1_009 + _stable_node_number(data.node)
-    torch.manual_seed(seed)
     result = train_local(
         model, data.images, data.labels, config.train,
         lr=round_learning_rate(config.train, round_index), seed=seed,
@@ -324,3 +326,78 @@ def timed(label: str, timings: dict[str, float]):
             return False
 
     return _Timer()
+
+
+# --- BatchNorm statistics of the fused model ------------------------------------------------
+#
+# Averaging node backbones averages their BatchNorm running statistics too, but those describe
+# each node's own pre-averaging weights, not the fused weights. In eval mode the fused model then
+# normalizes with statistics that do not match its features, and embeddings collapse towards one
+# direction (measured on LFW View 1 after two rounds of 4-node FedAvg: mean pair cosine 0.998,
+# accuracy 0.659; with recomputed statistics: 0.707). So after each aggregation every node
+# recomputes the statistics of the fused backbone on its own images (forward passes only) and
+# the server averages them by image count. Only per-channel means and variances travel.
+
+
+def calibrate_batchnorm(data: NodeData, global_state_path: Path, stats_path: Path,
+                        config: RunConfig, round_index: int) -> int:
+    """Recompute the fused backbone's BatchNorm statistics on this node's images.
+
+    Uses up to `bn-calibration-images` images, chosen by a seed derived from the run seed, the
+    round and the node, without augmentation. Writes the BatchNorm buffers to `stats_path` and
+    returns the number of images used (the weight of this node's statistics).
+    """
+    backbone = build_backbone(model_spec(config))
+    backbone.load_state_dict(torch.load(global_state_path, weights_only=True))
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over all calibration batches
+    generator = torch.Generator().manual_seed(
+        config.seed * 1_000_003 + round_index * 1_009 + _stable_node_number(data.node) + 7)
+    count = min(len(data.images), config.federation.bn_calibration_images)
+    chosen = torch.randperm(len(data.images), generator=generator)[:count]
+    backbone.train()
+    with torch.no_grad():
+        for start in range(0, count, config.train.batch_size):
+            index = chosen[start:start + config.train.batch_size]
+            if len(index) < 2:  # BatchNorm needs two samples per batch in train mode
+                continue
+            backbone(to_input(data.images[index]))
+    stats = {k: v for k, v in backbone.state_dict().items() if _is_batchnorm_buffer(k)}
+    save_atomic(stats, stats_path)
+    return int(count)
+
+
+def _is_batchnorm_buffer(key: str) -> bool:
+    return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+def merge_batchnorm_stats(global_state: dict[str, torch.Tensor],
+                          stats_files: dict[str, tuple[Path, int]]) -> dict[str, torch.Tensor]:
+    """Return `global_state` with its BatchNorm statistics pooled over the nodes' images.
+
+    `stats_files` maps node name to (file written by `calibrate_batchnorm`, image count). Means
+    are weighted by image count; variances are pooled as E[var + mean^2] - mean_pooled^2, so a
+    shift of the mean between nodes counts as variance, as it would in one central pass. With no
+    usable files the state is returned unchanged.
+    """
+    usable = [(path, count) for _, (path, count) in sorted(stats_files.items()) if count > 0]
+    if not usable:
+        return global_state
+    states = [torch.load(path, weights_only=True) for path, _ in usable]
+    weights = torch.tensor([float(count) for _, count in usable], dtype=torch.float64)
+    weights = weights / weights.sum()
+    merged = dict(global_state)
+    for key in states[0]:
+        if not key.endswith("running_mean"):
+            continue
+        prefix = key[: -len("running_mean")]
+        means = torch.stack([s[key].double() for s in states])
+        variances = torch.stack([s[prefix + "running_var"].double() for s in states])
+        mean = (weights[:, None] * means).sum(0)
+        second_moment = (weights[:, None] * (variances + means**2)).sum(0)
+        merged[key] = mean.to(global_state[key].dtype)
+        merged[prefix + "running_var"] = (second_moment - mean**2).clamp_min(0).to(
+            global_state[prefix + "running_var"].dtype)
+    return merged

@@ -78,6 +78,15 @@ class TrackingError(EdgefaceError):
 
 
 @dataclass(frozen=True)
+class RegisteredModelInfo:
+    """One registered model: its aliases (alias -> version number) and its tags."""
+
+    name: str
+    aliases: dict[str, int] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelVersionInfo:
     """One registered model version: `model_uri` is `models:/<name>/<version>`."""
 
@@ -536,6 +545,25 @@ class Tracker:
         if entries:
             self.client.log_batch(run_id, tags=entries)
 
+    @_tracked("find child runs")
+    def find_child_runs(self, parent_run_id: str) -> dict[str, str]:
+        """Return node name -> run id of the child runs of `parent_run_id`."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.{MLFLOW_PARENT_RUN_TAG} = '{parent_run_id}'",
+            max_results=1000,
+        )
+        return {
+            run.data.tags.get(NODE_TAG, run.info.run_name or run.info.run_id): run.info.run_id
+            for run in runs
+        }
+
+    @_tracked("read a metric history")
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """Return (step, value) of every logged value of metric `key`, ordered by step."""
+        history = self.client.get_metric_history(run_id, key)
+        return sorted((int(metric.step), float(metric.value)) for metric in history)
+
     @_tracked("end a run")
     def end_run(self, run_id: str, status: RunStatus = "FINISHED") -> None:
         """Mark a run terminated with `status`: FINISHED, FAILED or KILLED.
@@ -739,6 +767,74 @@ class ModelRegistry:
                 raise
         else:
             logger.info("created registered model %r", name)
+
+    @_tracked("list registered models")
+    def list_models(self) -> list[RegisteredModelInfo]:
+        """Return every registered model of the store, sorted by name, with aliases and tags."""
+        models = self.client.search_registered_models(max_results=1000)
+        infos = [
+            RegisteredModelInfo(
+                name=model.name,
+                aliases={alias: int(version) for alias, version in (model.aliases or {}).items()},
+                tags=dict(model.tags or {}),
+            )
+            for model in models
+        ]
+        return sorted(infos, key=lambda info: info.name)
+
+    @_tracked("read registered model tags")
+    def get_model_tags(self, name: str) -> dict[str, str]:
+        """Return the tags of the registered model `name`.
+
+        Raises:
+            RegistryError: the registered model is not found.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return dict(self.client.get_registered_model(name).tags or {})
+        except MlflowException as error:
+            if _error_code(error) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise RegistryError(
+                f"registered model {name!r} not found at {self.tracking_uri}: check the model "
+                "name and the tracking URI"
+            ) from error
+
+    @_tracked("set a registered model tag")
+    def set_model_tag(self, name: str, key: str, value: Any) -> None:
+        """Set one tag on the registered model `name`, converting the value with `str`."""
+        self.client.set_registered_model_tag(name, key, str(value))
+
+    @_tracked("create a registered model")
+    def create_model_if_absent(self, name: str, tags: Mapping[str, Any]) -> bool:
+        """Create the registered model `name` with `tags`; return False if it already exists.
+
+        The store checks name uniqueness in one transaction, so of several concurrent callers
+        exactly one gets True.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, tags=_string_tags(tags))
+        except MlflowException as error:
+            if _error_code(error) not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+            return False
+        return True
+
+    @_tracked("delete a registered model")
+    def delete_model(self, name: str) -> bool:
+        """Delete the registered model `name` with its versions; return False if it is absent."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_registered_model(name)
+        except MlflowException as error:
+            if _error_code(error) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return False
+        return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -1038,4 +1134,31 @@ def download_model(tracking_uri: str, model_uri: str, destination: str | os.Path
             artifact_uri=source, dst_path=str(destination), tracking_uri=tracking_uri
         )
     logger.info("downloaded %s (version %d) to %s", model_uri, info.version, path)
+    return Path(path)
+
+
+def download_run_artifact(
+    tracking_uri: str, run_id: str, artifact_path: str, destination: str | os.PathLike[str]
+) -> Path:
+    """Download one artifact of run `run_id` into `destination` and return its local path.
+
+    Raises:
+        RegistryError: the run has no artifact at `artifact_path`.
+        TrackingError: the tracking server is unreachable.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _make_client(tracking_uri)
+    Path(destination).mkdir(parents=True, exist_ok=True)
+    with _translate_errors(tracking_uri, f"download artifact {artifact_path} of run {run_id}"):
+        try:
+            path = client.download_artifacts(run_id, artifact_path, str(destination))
+        except (MlflowException, OSError) as error:
+            if isinstance(error, MlflowException) and _connection_failure(error) is not None:
+                raise
+            raise RegistryError(
+                f"run {run_id} has no artifact {artifact_path!r} at {tracking_uri} ({error}): "
+                "check that the run logged it"
+            ) from error
+    logger.info("downloaded artifact %s of run %s to %s", artifact_path, run_id, path)
     return Path(path)

@@ -152,5 +152,6 @@ def embed(backbone: torch.nn.Module, images, batch_size: int = 256) -> "torch.Te
     outputs = []
     for start in range(0, len(images), batch_size):
         chunk = torch.from_numpy(np.array(images[start:start + batch_size]))
-        outputs.append(F.normalize(backbone(to_input(chunk)), dim=1))
+        batch = to_input(chunk).contiguous(memory_format=torch.channels_last)
+        outputs.append(F.normalize(backbone(batch), dim=1))
     return torch.cat(outputs) if outputs else torch.empty(0)

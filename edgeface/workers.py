@@ -3,8 +3,14 @@
 Each edge node is one long-lived process (spawn start method) that holds only its own shard:
 it validates and caches its images, then trains one round per request. Requests and replies
 on its pipe are small dicts; weights travel as files (`global_state_path` in, `update_path`
-out), never through the pipe. Raw images never cross the pipe either, and `_reply_payload`
-enforces that by rejecting anything that is not a scalar, a string or a short list of them.
+out), never through the pipe. Raw images never cross the pipe either, and
+`_check_reply_payload` enforces that by rejecting anything that is not a scalar, a string, or a
+short list or dict of them.
+
+A worker never outlives its coordinator. On Linux it asks the kernel to send it SIGKILL when
+the coordinator dies (`PR_SET_PDEATHSIG`), so even a coordinator killed with SIGKILL leaves
+no worker behind. On other systems a worker exits at its next request, when it finds the pipe
+closed.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import traceback
+import zlib
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -22,6 +30,20 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _SCALARS = (int, float, str, bool, type(None))
+
+# Failures that a `train` request can ask for through its "fail" field, for the
+# fault-tolerance tests (EDGEFACE_FAULTS, see `edgeface.runner.parse_faults`):
+#   crash  the worker kills itself with SIGKILL before training, as the OOM killer would
+#   hang   the worker sleeps for an hour after loading its data, past any round-timeout
+#   error  the worker raises RuntimeError before training
+#   nan    the worker trains, then writes NaN into its saved update
+FAULT_KINDS = ("crash", "hang", "error", "nan")
+
+# Message a worker sends when a train request has `"notify_start": True`, after its data is
+# loaded and just before training starts. It is not the reply: the reply follows.
+TRAINING_STARTED = {"event": "training-started"}
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def available_cores() -> int:
@@ -42,6 +64,27 @@ def plan_parallelism(nodes: int, max_parallel: int, threads_per_worker: int) -> 
     parallel = max(1, min(parallel, nodes))
     threads = threads_per_worker or max(1, cores // parallel)
     return parallel, threads
+
+
+def exit_reason(exitcode: int | None) -> str:
+    """Describe how a worker process ended, for the failure reason of its node.
+
+    `exitcode` is `multiprocessing.Process.exitcode`: negative for a signal, None while the
+    process runs.
+    """
+    if exitcode is None:
+        return "process stopped responding"
+    if exitcode >= 0:
+        return f"process exited with code {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    reason = f"process killed by {name}"
+    if -exitcode == signal.SIGKILL:
+        # The kernel's out-of-memory killer sends SIGKILL, and so does `kill -9`.
+        reason += " (out of memory, or killed from outside)"
+    return reason
 
 
 def _check_reply_payload(value: Any, depth: int = 0) -> None:
@@ -68,13 +111,19 @@ def _check_reply_payload(value: Any, depth: int = 0) -> None:
 def worker_main(connection: Connection, node: str, images_root: str, manifest_path: str,
                 config_dict: dict[str, Any], cache_dir: str, node_state_dir: str,
                 threads: int, log_level: int) -> None:
-    """Serve `prepare`, `train` and `stop` requests for one edge node until told to stop."""
+    """Serve `prepare`, `train` and `stop` requests for one edge node until told to stop.
+
+    The worker also exits when the coordinator closes the pipe or dies.
+    """
     # The coordinator handles Ctrl-C and stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_coordinator()
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s {node}: %(message)s",
                         datefmt="%H:%M:%S")
     import torch
 
+    # The same thread count in every process of a run, a restarted one included, keeps
+    # the CPU kernels' reduction order and so the trained weights identical.
     torch.set_num_threads(threads)
     from edgeface import steps
     from edgeface.config import RunConfig
@@ -83,7 +132,11 @@ def worker_main(connection: Connection, node: str, images_root: str, manifest_pa
     shard = steps.load_node_shard(Path(manifest_path))
     data = None
     while True:
-        request = connection.recv()
+        try:
+            request = connection.recv()
+        except EOFError:
+            logger.warning("the coordinator closed the connection; stopping")
+            break
         operation = request.get("op")
         if operation == "stop":
             break
@@ -96,14 +149,15 @@ def worker_main(connection: Connection, node: str, images_root: str, manifest_pa
             elif operation == "train":
                 if data is None:
                     data = steps.prepare_node(Path(images_root), shard, config, Path(cache_dir))
-                if request.get("fail"):
-                    _inject_failure(request["fail"])
-                metrics = steps.train_node(
-                    data, Path(request["global_state_path"]), Path(node_state_dir),
-                    Path(request["update_path"]), config, int(request["round"]),
+                reply = _train(connection, request, data, config, Path(node_state_dir))
+            elif operation == "calibrate":
+                if data is None:
+                    data = steps.prepare_node(Path(images_root), shard, config, Path(cache_dir))
+                count = steps.calibrate_batchnorm(
+                    data, Path(request["global_state_path"]), Path(request["stats_path"]),
+                    config, int(request["round"]),
                 )
-                reply = {"ok": True, "num_samples": int(len(data.labels)), "metrics": metrics,
-                         "update_path": request["update_path"]}
+                reply = {"ok": True, "num_samples": count, "stats_path": request["stats_path"]}
             else:
                 reply = {"ok": False, "error": f"unknown request {operation!r}"}
         except Exception as error:  # reported to the coordinator, which drops the node
@@ -113,18 +167,82 @@ def worker_main(connection: Connection, node: str, images_root: str, manifest_pa
         connection.send(reply)
 
 
+def _train(connection: Connection, request: dict[str, Any], data: Any, config: Any,
+           node_state_dir: Path) -> dict[str, Any]:
+    """Train one round as `request` specifies, injecting the failure it requests, if any."""
+    import torch
+
+    from edgeface import steps
+
+    if request.get("notify_start"):
+        connection.send(TRAINING_STARTED)
+    fault = request.get("fail")
+    if fault:
+        _inject_failure(fault)
+    round_index = int(request["round"])
+    # train_node seeds the training itself, but only after it builds the model. A head that
+    # starts from scratch (round 0, or a node that missed the previous round) would otherwise
+    # take its initial weights from the process's random state, which torch 2.14 seeds
+    # differently in every process.
+    torch.manual_seed(zlib.crc32(f"{config.seed}:{data.node}:{round_index}".encode()))
+    update_path = Path(request["update_path"])
+    metrics = steps.train_node(data, Path(request["global_state_path"]), node_state_dir,
+                               update_path, config, round_index)
+    if fault == "nan":
+        _poison_update(update_path)
+    return {"ok": True, "num_samples": int(len(data.labels)), "metrics": metrics,
+            "update_path": str(update_path)}
+
+
+def _exit_with_coordinator() -> None:
+    """Have Linux SIGKILL this process when its parent dies, and exit if it is gone already."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = multiprocessing.parent_process()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this worker may outlive "
+                       "a killed coordinator", ctypes.get_errno())
+        return
+    # The coordinator may have died before prctl took effect.
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)
+
+
 def _inject_failure(kind: str) -> None:
-    """Simulate a failing edge node; used by the fault-tolerance tests via EDGEFACE_FAULTS."""
+    """Simulate a failing edge node before training; `kind` is one of FAULT_KINDS."""
     if kind == "crash":
         os.kill(os.getpid(), signal.SIGKILL)
-    if kind == "hang":
+    elif kind == "hang":
         time.sleep(3600)
-    if kind == "error":
-        raise RuntimeError("injected failure")
+    elif kind == "error":
+        raise RuntimeError("injected failure (EDGEFACE_FAULTS)")
+    elif kind != "nan":
+        raise ValueError(f"unknown fault kind {kind!r}: expected one of {', '.join(FAULT_KINDS)}")
+
+
+def _poison_update(update_path: Path) -> None:
+    """Overwrite the first floating-point tensor of a saved update with NaN."""
+    import torch
+
+    from edgeface import steps
+
+    state = torch.load(update_path, weights_only=True)
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            tensor.fill_(float("nan"))
+            break
+    steps.save_atomic(state, update_path)
 
 
 class NodeProcess:
-    """Coordinator-side handle of one edge-node worker process."""
+    """Coordinator-side handle of one edge-node worker process.
+
+    `send` starts the process when it is not running, so a node whose process died or was
+    killed is restarted by its next request.
+    """
 
     def __init__(self, node: str, images_root: Path, manifest_path: Path,
                  config_dict: dict[str, Any], cache_dir: Path, node_state_dir: Path,
@@ -136,6 +254,11 @@ class NodeProcess:
         self.process: multiprocessing.process.BaseProcess | None = None
         self.connection: Connection | None = None
         self.busy_since: float | None = None
+        self.starts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
 
     def start(self) -> None:
         context = multiprocessing.get_context("spawn")
@@ -145,13 +268,19 @@ class NodeProcess:
         self.process.start()
         child.close()
         self.connection = parent
-        logger.debug("started worker for %s (pid %s)", self.node, self.process.pid)
+        self.starts += 1
+        if self.starts > 1:
+            logger.info("restarted the worker of %s (pid %s); it reloads its data from the cache",
+                        self.node, self.process.pid)
+        else:
+            logger.debug("started worker for %s (pid %s)", self.node, self.process.pid)
 
     def is_alive(self) -> bool:
         return self.process is not None and self.process.is_alive()
 
     def send(self, request: dict[str, Any]) -> None:
         if not self.is_alive():
+            self._close()
             self.start()
         assert self.connection is not None
         self.connection.send(request)
@@ -162,6 +291,29 @@ class NodeProcess:
         self.busy_since = None
         return self.connection.recv()
 
+    def poll_message(self) -> dict[str, Any] | None:
+        """Return the next message, a failure reply if the process died, or None if none waits.
+
+        A message with an "event" key (TRAINING_STARTED) leaves the worker busy. A failure
+        reply is {"ok": False, "error": reason}, made after the dead process is reaped. The
+        call waits only for that, at most 5 s after the pipe closed.
+        """
+        assert self.connection is not None and self.process is not None
+        try:
+            if self.connection.poll():
+                message = self.connection.recv()
+                if "event" not in message:
+                    self.busy_since = None
+                return message
+        except (EOFError, OSError):
+            # The pipe closes when the process exits; give it a moment to be reaped.
+            self.process.join(timeout=5)
+        if self.process.is_alive():
+            return None
+        reason = exit_reason(self.process.exitcode)
+        self.kill()
+        return {"ok": False, "error": reason}
+
     def kill(self) -> None:
         """Stop the process at once (used for nodes past the round timeout)."""
         if self.process is not None and self.process.is_alive():
@@ -170,6 +322,7 @@ class NodeProcess:
         self._close()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Ask an idle worker to exit, and kill it when it is busy or does not exit in time."""
         if self.process is None:
             return
         if self.process.is_alive() and self.connection is not None and self.busy_since is None:
@@ -186,6 +339,8 @@ class NodeProcess:
     def _close(self) -> None:
         if self.connection is not None:
             self.connection.close()
+        if self.process is not None and not self.process.is_alive():
+            self.process.close()
         self.connection = None
         self.process = None
         self.busy_since = None

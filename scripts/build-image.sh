@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the edgeface component image from the Dockerfile at the repository root and print its
-# size. Run from anywhere; the build context is the repository root. See docs/image.md.
+# size. It runs from any folder, and the build context is always the repository root. See
+# docs/image.md.
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,10 +28,10 @@ Usage: scripts/build-image.sh [options] [-- docker build options]
                          requirements. That uses the host's pip configuration (its indexes,
                          find-links, constraints and certificates) and needs Python 3.11.
   --network MODE         network for the RUN steps of the build (docker build --network)
+  -h, --help             show this help
 
 Environment: EDGEFACE_IMAGE (default tag), EDGEFACE_WHEELS_PORT (port of the --wheels server,
 default 38765).
-  -h, --help             show this help
 EOF
 }
 
@@ -151,6 +152,9 @@ docker info >/dev/null 2>&1 || fail "cannot reach the Docker engine: start docke
 work_dir=$(mktemp -d /tmp/edgeface-build-image.XXXXXX)
 index_server_pid=""
 trap cleanup EXIT
+# Bash runs the EXIT trap after these signals only when they have traps of their own.
+trap 'exit 130' INT
+trap 'exit 143' TERM HUP
 
 if [[ $local_base == true ]]; then
     base_image=$local_base_tag

@@ -1,0 +1,310 @@
+"""`edgeface pipeline`: compile, submit and schedule the Kubeflow pipeline; list and stop runs.
+
+Registered as a plugin of the `edgeface` command through the `edgeface.commands` entry point,
+because the library itself never imports kfp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgeface.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Parameters of a KFP run, in bytes, that the API server accepts at most.
+MAX_PARAMETER_BYTES = 10_000
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "pipeline",
+        help="compile, submit and schedule the federated Kubeflow pipeline",
+        description=(
+            "Generate the Kubeflow Pipelines v2 pipeline of a federated run for a fleet file, "
+            "upload it to a KFP API server, start or schedule runs, and list or stop them."
+        ),
+    )
+    commands = parser.add_subparsers(dest="pipeline_command", metavar="COMMAND")
+    parser.set_defaults(func=lambda args: _print_help(parser))
+    _add_compile(commands)
+    _add_submit(commands)
+    _add_schedule(commands)
+    _add_runs(commands)
+    _add_unschedule(commands)
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _add_pipeline_source(parser: argparse.ArgumentParser, *, package: bool) -> None:
+    group = parser.add_argument_group("pipeline")
+    group.add_argument("--fleet", type=Path, help="fleet file the pipeline is generated for")
+    group.add_argument("--rounds", type=int, help="federated rounds (default: the config's)")
+    group.add_argument("--mode", choices=["simulation", "pre-placed"], default="simulation",
+                       help="data mode: one partitioned dataset, or images already on each node "
+                            "(default simulation)")
+    group.add_argument("--config", type=Path, help="run config YAML; its values become the "
+                                                   "default of the config_json parameter")
+    group.add_argument("--task-timeout", type=int, default=None, metavar="SECONDS",
+                       help="hard limit on each edge task's pod, in seconds (default 14400)")
+    if package:
+        group.add_argument("--package", type=Path,
+                           help="a compiled pipeline YAML to use instead of --fleet")
+
+
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="KFP API server URL (default $KFP_HOST or "
+                                       "http://localhost:8080)")
+
+
+def _add_compile(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("compile", help="write the pipeline YAML for a fleet")
+    _add_pipeline_source(parser, package=False)
+    parser.add_argument("-o", "--output", type=Path, required=True, help="pipeline YAML to write")
+    parser.set_defaults(func=run_compile)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    _add_pipeline_source(parser, package=True)
+    _add_connection(parser)
+    parser.add_argument("--experiment", default="edgeface", help="KFP experiment (created if "
+                                                                 "missing; default edgeface)")
+    parser.add_argument("--pipeline-name", help="KFP pipeline to upload a version of (default "
+                                                "edgeface-<fleet>-<mode>)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="pipeline parameter, e.g. dataset_dir=/data/dataset/lfw; repeatable")
+    parser.add_argument("--format", choices=["text", "json"], default="text",
+                        help="output format (default text)")
+
+
+def _add_submit(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("submit", help="upload a pipeline version and start a run")
+    _add_run_options(parser)
+    parser.add_argument("--run-name", help="run name (default <pipeline name>-<version>)")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for the run to end, stopping it if a pod cannot start")
+    parser.add_argument("--timeout", type=float, default=6 * 3600, metavar="SECONDS",
+                        help="with --wait: how long to wait (default 21600)")
+    parser.add_argument("--poll-interval", type=float, default=10.0, metavar="SECONDS",
+                        help="with --wait: seconds between status checks (default 10)")
+    parser.add_argument("--pending-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="with --wait: stop the run when a pod stays unschedulable this "
+                             "long (default 300)")
+    parser.add_argument("--pull-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="with --wait: stop the run when a pod cannot pull its image this "
+                             "long (default 60)")
+    parser.add_argument("--context", help="with --wait: kubectl context for the watchdog "
+                                          "(default k3d-<fleet name>, else kubectl's current)")
+    parser.set_defaults(func=run_submit)
+
+
+def _add_schedule(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("schedule", help="upload a pipeline version and run it on a "
+                                                  "cron schedule")
+    _add_run_options(parser)
+    parser.add_argument("--cron", required=True,
+                        help="6-field cron expression, seconds first: '0 0 3 * * *' is 03:00 "
+                             "daily")
+    parser.add_argument("--name", help="recurring run name (default <pipeline name>-schedule)")
+    parser.set_defaults(func=run_schedule)
+
+
+def _add_runs(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("runs", help="list recent runs and recurring runs")
+    _add_connection(parser)
+    parser.add_argument("--experiment", help="only this experiment's runs")
+    parser.add_argument("--limit", type=int, default=20, help="how many of each (default 20)")
+    parser.add_argument("--format", choices=["text", "json"], default="text",
+                        help="output format (default text)")
+    parser.set_defaults(func=run_runs)
+
+
+def _add_unschedule(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("unschedule", help="disable (or delete) a recurring run")
+    _add_connection(parser)
+    parser.add_argument("recurring_run_id", metavar="RECURRING_RUN_ID",
+                        help="id from `edgeface pipeline runs`")
+    parser.add_argument("--delete", action="store_true", help="delete it instead of disabling")
+    parser.set_defaults(func=run_unschedule)
+
+
+# --- compile --------------------------------------------------------------------------------
+
+
+def _options(args: argparse.Namespace):
+    from edgeface.fleet import load_fleet
+    from pipelines.federated import DEFAULT_TASK_TIMEOUT_S, make_options, pipeline_config
+
+    if args.fleet is None:
+        raise ConfigError("no fleet file given: pass --fleet FLEET.yaml (for example "
+                          "pipelines/fleet.example.yaml), or --package PIPELINE.yaml to submit "
+                          "or schedule a compiled pipeline")
+    if args.rounds is not None and args.rounds < 1:
+        raise ConfigError(f"invalid --rounds {args.rounds}: expected 1 or more")
+    fleet = load_fleet(args.fleet)
+    config = pipeline_config(fleet, args.config, args.rounds)
+    return make_options(fleet, config, args.mode, args.task_timeout or DEFAULT_TASK_TIMEOUT_S)
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    from pipelines.federated import compile_pipeline
+
+    options = _options(args)
+    path = compile_pipeline(options, args.output)
+    print(f"pipeline: {path} ({len(options.fleet.nodes)} nodes x {options.rounds} rounds, "
+          f"{options.mode} data, {path.stat().st_size / 1024:.0f} KiB)")
+    return 0
+
+
+# --- submit and schedule --------------------------------------------------------------------
+
+
+def parse_params(items: list[str], allowed: set[str]) -> dict[str, str]:
+    """Parse NAME=VALUE items into a dict, checking names and the total size.
+
+    Raises:
+        ConfigError: an item without '=', an unknown name, or more than 10,000 bytes in all.
+    """
+    params: dict[str, str] = {}
+    for item in items:
+        name, separator, value = item.partition("=")
+        if not separator or not name:
+            raise ConfigError(f"invalid --param {item!r}: expected NAME=VALUE")
+        if name not in allowed:
+            raise ConfigError(f"unknown pipeline parameter {name!r} in --param: the pipeline "
+                              f"takes {', '.join(sorted(allowed))}")
+        params[name] = value
+    size = sum(len(k) + len(v.encode()) for k, v in params.items())
+    if size > MAX_PARAMETER_BYTES:
+        raise ConfigError(f"--param values take {size} bytes, over the API server's limit of "
+                          f"{MAX_PARAMETER_BYTES}: put large inputs in a file or a volume")
+    return params
+
+
+def package_parameters(package: Path) -> set[str]:
+    """Return the names of a compiled pipeline's parameters."""
+    spec = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))
+    return set(spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {}))
+
+
+def _prepare_package(args: argparse.Namespace, workdir: Path) -> tuple[Path, str, str | None]:
+    """Return (package path, pipeline name, fleet cluster name or None) for submit/schedule."""
+    if args.package is not None:
+        if args.fleet is not None:
+            raise ConfigError("pass either --package or --fleet, not both")
+        if not args.package.is_file():
+            raise ConfigError(f"pipeline package not found: {args.package}: compile one with "
+                              "`edgeface pipeline compile` or pass --fleet")
+        from pipelines.federated import PIPELINE_NAME
+
+        return args.package, args.pipeline_name or PIPELINE_NAME, None
+    from pipelines.federated import compile_pipeline
+
+    options = _options(args)
+    path = compile_pipeline(options, workdir / "pipeline.yaml")
+    return path, args.pipeline_name or options.display_name(), options.fleet.name
+
+
+def _upload(args: argparse.Namespace, workdir: Path):
+    from pipelines.client import PipelineClient
+
+    package, pipeline_name, cluster = _prepare_package(args, workdir)
+    params = parse_params(args.param, package_parameters(package))
+    digest = hashlib.sha256(package.read_bytes()).hexdigest()[:12]
+    client = PipelineClient(args.host)
+    version = client.upload(str(package), pipeline_name, f"{pipeline_name}-{digest}")
+    return client, version, params, cluster
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from pipelines.client import PodWatchdog
+
+    with tempfile.TemporaryDirectory(prefix="edgeface-pipeline-") as workdir:
+        client, version, params, cluster = _upload(args, Path(workdir))
+    run_name = args.run_name or version.version_name
+    run_id = client.start_run(version, args.experiment, run_name, params)
+    result: dict[str, Any] = {"run_id": run_id, "run_name": run_name,
+                              "pipeline_id": version.pipeline_id,
+                              "version_id": version.version_id,
+                              "url": f"{client.host}/#/runs/details/{run_id}"}
+    if args.wait:
+        context = args.context or (f"k3d-{cluster}" if cluster else None)
+        watchdog = PodWatchdog(run_id, context=context, pending_timeout_s=args.pending_timeout,
+                               pull_timeout_s=args.pull_timeout)
+        result["state"] = client.wait_for_run(run_id, timeout_s=args.timeout,
+                                              poll_interval_s=args.poll_interval,
+                                              watchdog=watchdog)
+    _print_result(args.format, result, f"run {run_id} ({run_name}): {result['url']}")
+    return 0
+
+
+def run_schedule(args: argparse.Namespace) -> int:
+    from pipelines.client import validate_cron
+
+    cron = validate_cron(args.cron)
+    with tempfile.TemporaryDirectory(prefix="edgeface-pipeline-") as workdir:
+        client, version, params, _ = _upload(args, Path(workdir))
+    name = args.name or f"{version.version_name.rsplit('-', 1)[0]}-schedule"
+    recurring_run_id = client.schedule(version, args.experiment, name, cron, params)
+    result = {"recurring_run_id": recurring_run_id, "name": name, "cron": cron,
+              "pipeline_id": version.pipeline_id, "version_id": version.version_id}
+    _print_result(args.format, result,
+                  f"recurring run {recurring_run_id} ({name}) at {cron!r}; stop it with "
+                  f"`edgeface pipeline unschedule {recurring_run_id}`")
+    return 0
+
+
+def _print_result(output_format: str, result: dict[str, Any], text: str) -> None:
+    print(json.dumps(result, indent=2) if output_format == "json" else text)
+
+
+# --- runs and unschedule --------------------------------------------------------------------
+
+
+def run_runs(args: argparse.Namespace) -> int:
+    from pipelines.client import PipelineClient
+
+    if args.limit < 1:
+        raise ConfigError(f"invalid --limit {args.limit}: expected 1 or more")
+    client = PipelineClient(args.host)
+    runs = client.list_runs(args.experiment, args.limit)
+    recurring = client.list_recurring_runs(args.experiment, args.limit)
+    if args.format == "json":
+        print(json.dumps({"runs": runs, "recurring_runs": recurring}, indent=2))
+        return 0
+    _print_table(["RUN ID", "STATE", "CREATED", "NAME"],
+                 [[r["run_id"], r["state"], r["created_at"], r["name"]] for r in runs])
+    print()
+    _print_table(["RECURRING RUN ID", "STATUS", "CRON", "NAME"],
+                 [[r["recurring_run_id"], r["status"], r["cron"], r["name"]] for r in recurring])
+    return 0
+
+
+def _print_table(header: list[str], rows: list[list[Any]]) -> None:
+    cells = [header] + [[str(value) for value in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
+    if not rows:
+        print("(none)")
+    sys.stdout.flush()
+
+
+def run_unschedule(args: argparse.Namespace) -> int:
+    from pipelines.client import PipelineClient
+
+    PipelineClient(args.host).unschedule(args.recurring_run_id, delete=args.delete)
+    print(f"{'deleted' if args.delete else 'disabled'} recurring run {args.recurring_run_id}")
+    return 0
