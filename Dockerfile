@@ -57,6 +57,9 @@ FROM dependencies AS package
 ARG PIP_INDEX_URL
 COPY pyproject.toml README.md* ./
 COPY edgeface ./edgeface
+# The KFP components run code from these packages inside the pod.
+COPY components ./components
+COPY pipelines ./pipelines
 RUN pip wheel --no-deps --wheel-dir /dist .
 
 

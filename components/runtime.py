@@ -589,24 +589,6 @@ def evaluate(config_json: str, round_index: int, parent_run_id: str, global_path
 # --- export and registration ----------------------------------------------------------------
 
 
-def parity_sample(evaluation: steps.EvaluationSet,
-                  limit: int = 64) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Take up to `limit` evaluation faces and the test pairs among them, for the ONNX check."""
-    # TODO: the local runner has the same logic as LocalRunner._parity_sample; move both into
-    # edgeface.steps.
-    count = min(limit, len(evaluation.images))
-    images = np.ascontiguousarray(evaluation.images[:count])
-    pairs = []
-    for fold in evaluation.plan.test_folds:
-        for pair in fold:
-            a, b = evaluation.index[pair.a.path], evaluation.index[pair.b.path]
-            if a < count and b < count:
-                pairs.append((a, b))
-    if not pairs:
-        pairs = [(i, i + 1) for i in range(0, count - 1, 2)]
-    return images, pairs
-
-
 def load_backbone(config: RunConfig, state_path: str | Path) -> torch.nn.Module:
     from edgeface.model import build_backbone
 
@@ -629,7 +611,7 @@ def export_onnx(config_json: str, global_path: str, evaluation_dir: str, result_
     backbone = load_backbone(config, global_path)
     onnx_path = Path(out_dir) / ONNX_FILE
     export.export_onnx(backbone, config.data.image_size, onnx_path, opset=config.export.opset)
-    images, pairs = parity_sample(load_evaluation_set(evaluation_dir))
+    images, pairs = steps.parity_sample(load_evaluation_set(evaluation_dir))
     parity = export.check_parity(backbone, onnx_path, images, rtol=config.export.rtol,
                                  atol=config.export.atol, pairs=pairs,
                                  threshold=read_json(result_path)["threshold"])

@@ -40,7 +40,7 @@ from typing import Any
 
 from edgeface import tracking
 from edgeface.errors import ConfigError, RegistryError
-from edgeface.tracking import ModelRegistry, ModelVersionInfo
+from edgeface.tracking import ModelRegistry, ModelVersionInfo, sqlite_database
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def open_store(tracking_uri: str | None) -> ModelRegistry:
         ConfigError: the URI is empty or has no scheme.
     """
     uri = tracking.resolve_tracking_uri(tracking_uri, Path.cwd())
-    database = _sqlite_database(uri)
+    database = sqlite_database(uri)
     if database is not None and not database.is_file():
         raise RegistryError(
             f"no MLflow store at {database}: run `edgeface run` in this folder first, or pass "
@@ -93,17 +93,6 @@ def open_store(tracking_uri: str | None) -> ModelRegistry:
 # --------------------------------------------------------------------------------------------
 # Locking
 # --------------------------------------------------------------------------------------------
-
-
-def _sqlite_database(tracking_uri: str) -> Path | None:
-    """Return the database file of a `sqlite:///` URI, or None for other stores."""
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix):
-        return None
-    database = tracking_uri[len(prefix):].split("?", 1)[0]
-    if not database or database == ":memory:":
-        return None
-    return Path(database)
 
 
 def _lock_owner() -> str:
@@ -130,7 +119,7 @@ def registry_lock(
     Raises:
         RegistryError: the lock was not acquired within `timeout_s` seconds.
     """
-    database = _sqlite_database(registry.tracking_uri)
+    database = sqlite_database(registry.tracking_uri)
     if database is not None:
         with _file_lock(database.with_name(database.name + ".registry.lock"), timeout_s) as owner:
             yield owner

@@ -725,7 +725,7 @@ class LocalRunner:
         onnx_path = self.run_dir / "model" / "edgeface.onnx"
         with steps.timed("export", self.timings):
             export.export_onnx(backbone, config.data.image_size, onnx_path, opset=config.export.opset)
-            images, pairs = self._parity_sample(evaluation)
+            images, pairs = steps.parity_sample(evaluation)
             parity = export.check_parity(backbone, onnx_path, images, rtol=config.export.rtol,
                                          atol=config.export.atol, threshold=threshold, pairs=pairs)
         logger.info("ONNX parity on %d real faces: max abs diff %.2e, %s", len(images),
@@ -819,20 +819,6 @@ class LocalRunner:
             logger.warning("could not write the run report: %s", error)
             return None
         return str(page.resolve())
-
-    def _parity_sample(self, evaluation) -> tuple[np.ndarray, list[tuple[int, int]]]:
-        """Take up to 64 evaluation faces and the test pairs among them, for the ONNX check."""
-        count = min(64, len(evaluation.images))
-        images = np.ascontiguousarray(evaluation.images[:count])
-        pairs = []
-        for fold in evaluation.plan.test_folds:
-            for pair in fold:
-                a, b = evaluation.index[pair.a.path], evaluation.index[pair.b.path]
-                if a < count and b < count:
-                    pairs.append((a, b))
-        if not pairs:
-            pairs = [(i, i + 1) for i in range(0, count - 1, 2)]
-        return images, pairs
 
     def _summary(self, tracker, parent, result, threshold, parity, onnx_path, version,
                  node_reports, fingerprint) -> dict[str, Any]:

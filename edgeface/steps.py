@@ -286,6 +286,25 @@ def prepare_evaluation(images_root: Path, plan: EvaluationPlan, config: RunConfi
                          index={r.path: i for i, r in enumerate(kept)})
 
 
+def parity_sample(evaluation: EvaluationSet,
+                  limit: int = 64) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Take up to `limit` evaluation faces and the test pairs among them, for the ONNX check.
+
+    Without a test pair inside the sample, consecutive images are paired instead.
+    """
+    count = min(limit, len(evaluation.images))
+    images = np.ascontiguousarray(evaluation.images[:count])
+    pairs = []
+    for fold in evaluation.plan.test_folds:
+        for pair in fold:
+            a, b = evaluation.index[pair.a.path], evaluation.index[pair.b.path]
+            if a < count and b < count:
+                pairs.append((a, b))
+    if not pairs:
+        pairs = [(i, i + 1) for i in range(0, count - 1, 2)]
+    return images, pairs
+
+
 def evaluate_step(backbone_state: dict[str, torch.Tensor], evaluation: EvaluationSet,
                   config: RunConfig) -> tuple[EvaluationResult, np.ndarray]:
     """Embed the evaluation images with the fused backbone and score the protocol.

@@ -140,13 +140,21 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     artifact root. Without an explicit location, MLflow 3.17.2 puts the artifacts of a SQLite
     store under `./mlruns` relative to the current directory.
     """
+    database = sqlite_database(tracking_uri)
+    if database is None:
+        return None
+    return str(database.resolve().parent / "mlartifacts")
+
+
+def sqlite_database(tracking_uri: str) -> Path | None:
+    """Return the database file of a `sqlite:///` URI, or None for other stores."""
     prefix = "sqlite:///"
     if not tracking_uri.startswith(prefix):
         return None
     database = tracking_uri[len(prefix):].split("?", 1)[0]
     if not database or database == ":memory:":
         return None
-    return str(Path(database).resolve().parent / "mlartifacts")
+    return Path(database)
 
 
 def apply_http_defaults(tracking_uri: str) -> None:

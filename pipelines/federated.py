@@ -464,7 +464,9 @@ def compile_pipeline(options: PipelineOptions, package_path: Path) -> Path:
     size = package_path.stat().st_size
     if size > LARGE_PIPELINE_BYTES:
         logger.warning("compiled pipeline %s is %.2f MiB: its Argo workflow may exceed etcd's "
-                       "object size limit; use fewer rounds per run", package_path, size / 2**20)
+                       "object size limit; use fewer rounds per run, or set "
+                       "bn-calibration-images to 0, which halves the edge tasks",
+                       package_path, size / 2**20)
     logger.info("compiled %s: %d nodes x %d rounds, %s data, %.0f KiB", package_path,
                 len(options.fleet.nodes), options.rounds, options.mode, size / 1024)
     return package_path

@@ -425,8 +425,8 @@ def test_warm_start_uses_champion(simulation_run: Path, monkeypatch: pytest.Monk
     config = load_config(simulation_run / "config.yaml", {"nodes": 2, "rounds": 2})
     state, source = runtime.resolve_initial_state(config, "champion", simulation_run / "warm")
     assert source == "models:/edgeface/1"
-    [final] = [p for p in (simulation_run / "pipeline-root").rglob(
-        "aggregate-2/next_global_model")]
+    # The final model: the second round's fused model with merged BatchNorm statistics.
+    [final] = list((simulation_run / "pipeline-root").rglob("merge-batchnorm-2/merged_model"))
     expected = torch.load(final, weights_only=True)
     assert all(torch.equal(state[key], expected[key]) for key in expected)
 
