@@ -80,7 +80,7 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    rounds: int = Field(12, ge=1, le=10_000, description="federated rounds")
+    rounds: int = Field(14, ge=1, le=10_000, description="federated rounds")
     local_epochs: float = Field(1.0, gt=0.0, description="passes over the node's data per round")
     batch_size: int = Field(128, ge=2, le=4096)
     lr: float = Field(0.1, gt=0.0, description="peak client learning rate")

@@ -27,7 +27,7 @@ from edgeface.tracking import ModelRegistry, Tracker, resolve_tracking_uri
 
 # Both nodes must report in every round, so one bad update fails the round.
 OVERRIDES = {"nodes": 2, "rounds": 2, "image-size": 32, "batch-size": 16, "local-epochs": 1,
-             "min-fraction": 1.0}
+             "min-fraction": 1.0, "eval-every": 1}
 CLI_FLAGS = [flag for key, value in OVERRIDES.items() for flag in (f"--{key}", str(value))]
 # Differences allowed between a resumed and an uninterrupted run: float32 rounding.
 WEIGHT_ATOL = 1e-5
