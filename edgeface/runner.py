@@ -233,7 +233,7 @@ class LocalRunner:
         if not self.resume:
             if self.state_path.exists():
                 raise EdgefaceError(
-                    f"run directory {self.run_dir} already holds a run: resume it with "
+                    f"run directory {self.run_dir} already contains a run: resume it with "
                     f"`edgeface run --resume {self.run_dir}`, or choose a new --out folder"
                 )
             return

@@ -2,8 +2,8 @@
 
 Each step takes and returns paths and plain values, so the same call works inside a local worker
 process and inside a Kubeflow pipeline pod. Steps that run on an edge node (`prepare_node`,
-`train_node`) read only that node's manifest; what they hand back is a state dict file of the
-backbone, a sample count and scalar metrics. The classification head of a node stays in that
+`train_node`) read only that node's manifest. They hand back a state dict file of the backbone,
+a sample count and scalar metrics. The classification head of a node stays in that
 node's state folder.
 """
 

@@ -111,7 +111,7 @@ def _check_reply_payload(value: Any, depth: int = 0) -> None:
 def worker_main(connection: Connection, node: str, images_root: str, manifest_path: str,
                 config_dict: dict[str, Any], cache_dir: str, node_state_dir: str,
                 threads: int, log_level: int) -> None:
-    """Serve `prepare`, `train` and `stop` requests for one edge node until told to stop.
+    """Serve `prepare`, `train` and `stop` requests for one edge node until it receives `stop`.
 
     The worker also exits when the coordinator closes the pipe or dies.
     """
