@@ -645,12 +645,12 @@ class ModelRegistry:
             aliases=tuple(sorted(aliases)),
         )
 
-    def _aliases(self, name: str) -> dict[str, int]:
-        """Return alias -> version of a registered model, raising RegistryError if not found."""
+    def _registered_model(self, name: str) -> Any:
+        """Return MLflow's registered model `name`, or raise RegistryError when it is missing."""
         from mlflow.exceptions import MlflowException
 
         try:
-            model = self.client.get_registered_model(name)
+            return self.client.get_registered_model(name)
         except MlflowException as error:
             if _error_code(error) != "RESOURCE_DOES_NOT_EXIST":
                 raise
@@ -658,6 +658,10 @@ class ModelRegistry:
                 f"registered model {name!r} not found at {self.tracking_uri}: check the model "
                 "name and the tracking URI"
             ) from error
+
+    def _aliases(self, name: str) -> dict[str, int]:
+        """Return alias -> version of a registered model, raising RegistryError if not found."""
+        model = self._registered_model(name)
         return {alias: int(version) for alias, version in (model.aliases or {}).items()}
 
     @_tracked("list model versions")
@@ -797,17 +801,7 @@ class ModelRegistry:
         Raises:
             RegistryError: the registered model is not found.
         """
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return dict(self.client.get_registered_model(name).tags or {})
-        except MlflowException as error:
-            if _error_code(error) != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            raise RegistryError(
-                f"registered model {name!r} not found at {self.tracking_uri}: check the model "
-                "name and the tracking URI"
-            ) from error
+        return dict(self._registered_model(name).tags or {})
 
     @_tracked("set a registered model tag")
     def set_model_tag(self, name: str, key: str, value: Any) -> None:

@@ -46,7 +46,8 @@ def test_run_writes_summary(finished_run) -> None:
     for stage in ("plan", "partition", "validate_and_cache", "train", "aggregate", "evaluate",
                   "export", "register", "total"):
         assert stage in summary["timings"], stage
-    assert "summary:" in result.stdout and "MLflow:" in result.stdout
+    assert "summary:" in result.stdout
+    assert "MLflow:" in result.stdout
 
 
 def test_run_registers_challenger(finished_run) -> None:
