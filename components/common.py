@@ -159,16 +159,10 @@ def find_parent_run(tracker, kfp_run_id: str) -> str | None:
     Raises:
         ConfigError: the run id has characters that an MLflow filter cannot hold.
     """
-    # TODO: move into edgeface.tracking as Tracker.find_run_by_tag, so that no MLflow client
-    # call lives outside that module.
     if not _SAFE_RUN_ID.match(kfp_run_id):
         raise ConfigError(f"invalid pipeline run id {kfp_run_id!r}: expected letters, digits, "
                           "'.', '_' and '-'")
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id], filter_string=f"tags.`{KFP_RUN_TAG}` = '{kfp_run_id}'",
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
+    return tracker.find_run_by_tag(KFP_RUN_TAG, kfp_run_id)
 
 
 def read_node_reports(reports_dir: str) -> dict[str, dict[str, Any]]:

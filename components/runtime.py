@@ -3,9 +3,9 @@
 Each function here is what one component does: the component in `components.definitions`
 only maps its KFP inputs and outputs to these paths. The work itself is done by
 `edgeface.steps` and the other library modules, the same calls that the local runner
-(`edgeface.runner`) makes. The pieces that the runner keeps as private methods (quorum check,
-parity sample) have a path-level equivalent here. The tasks that need no torch are in
-`components.common`.
+(`edgeface.runner`) makes: update screening, the quorum error, registration tags and the
+worker process with its reply timeout come from the library, and this module only adds the
+artifact layout below. The tasks that need no torch are in `components.common`.
 
 Artifact layouts, all written by this module or `components.common`:
 
@@ -22,15 +22,12 @@ Artifact layouts, all written by this module or `components.common`:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import asdict
-from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +44,17 @@ from components.common import (
     tracking_uri,
     write_json,
 )
-from edgeface import __version__, steps
+from edgeface import registry, steps
 from edgeface.config import RunConfig
 from edgeface.data.cache import dataset_fingerprint
 from edgeface.data.ingest import ImageRecord, list_images, resolve_images_root
 from edgeface.data.partition import NodeShard, Partition, read_manifest
-from edgeface.data.protocol import EvaluationPlan, Pair
-from edgeface.errors import DataError, QuorumError, RegistryError
+from edgeface.data.protocol import EvaluationPlan, plan_from_dict, plan_to_dict
+from edgeface.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-BACKBONE_FILE = "backbone.pt"
+BACKBONE_FILE = registry.BACKBONE_FILE
 ONNX_FILE = "edgeface.onnx"
 UPDATE_INFO_FILE = "update.json"
 UPDATE_STATE_FILE = "state.pt"
@@ -91,44 +88,6 @@ def limit_torch_threads(configured: int = 0) -> int:
 
 
 # --- evaluation set -------------------------------------------------------------------------
-
-
-def _record(record: ImageRecord) -> list[str]:
-    return [record.identity, record.path]
-
-
-def _pair(pair: Pair) -> list[Any]:
-    return [*_record(pair.a), *_record(pair.b), pair.same]
-
-
-def plan_to_dict(plan: EvaluationPlan) -> dict[str, Any]:
-    """Return `plan` as JSON-ready lists; `plan_from_dict` reverses it."""
-    return {
-        "name": plan.name,
-        "train_records": [_record(r) for r in plan.train_records],
-        "test_folds": [[_pair(p) for p in fold] for fold in plan.test_folds],
-        "threshold_pairs": (None if plan.threshold_pairs is None
-                            else [_pair(p) for p in plan.threshold_pairs]),
-        "gallery": [_record(r) for r in plan.gallery],
-        "probes": [_record(r) for r in plan.probes],
-    }
-
-
-def plan_from_dict(data: dict[str, Any]) -> EvaluationPlan:
-    def records(items: list[list[str]]) -> list[ImageRecord]:
-        return [ImageRecord(identity, path) for identity, path in items]
-
-    def pairs(items: list[list[Any]]) -> list[Pair]:
-        return [Pair(ImageRecord(a_id, a_path), ImageRecord(b_id, b_path), bool(same))
-                for a_id, a_path, b_id, b_path, same in items]
-
-    threshold = data["threshold_pairs"]
-    return EvaluationPlan(
-        name=data["name"], train_records=records(data["train_records"]),
-        test_folds=[pairs(fold) for fold in data["test_folds"]],
-        threshold_pairs=None if threshold is None else pairs(threshold),
-        gallery=records(data["gallery"]), probes=records(data["probes"]),
-    )
 
 
 def save_evaluation_set(evaluation: steps.EvaluationSet, folder: str | Path) -> None:
@@ -261,49 +220,17 @@ def validate_and_cache(config_json: str, node_name: str, node_index: int, data_d
 def resolve_initial_state(config: RunConfig, alias: str, workdir: Path) -> tuple[dict, str]:
     """Return the starting backbone state and where it came from.
 
-    With `alias` set, the registered version `models:/<model-name>@<alias>` is used when it
-    exists, carries the backbone state dict as an extra file and matches the configured
-    architecture. Otherwise, the seeded initial state of `edgeface.steps.initial_state`.
+    See `edgeface.registry.warm_start_state`; the fallback is the seeded initial state of
+    `edgeface.steps.initial_state`.
 
     Raises:
         TrackingError: the tracking server is unreachable.
     """
-    from edgeface import tracking
-
     seeded = steps.initial_state(config)
     if not alias:
         return seeded, "seeded initial state (warm start off)"
-    uri, name = tracking_uri(config), config.tracking.model_name
-    try:
-        version = tracking.ModelRegistry(uri).get_version(name, alias)
-    except RegistryError as error:
-        logger.info("no warm start from models:/%s@%s: %s", name, alias, error)
-        return seeded, f"seeded initial state (models:/{name}@{alias} not found)"
-    folder = tracking.download_model(uri, version.model_uri, workdir)
-    state_path = folder / "extra_files" / BACKBONE_FILE
-    if not state_path.is_file():
-        logger.warning("%s has no %s extra file: starting from the seeded state",
-                       version.model_uri, BACKBONE_FILE)
-        return seeded, f"seeded initial state ({version.model_uri} has no backbone state)"
-    state = torch.load(state_path, weights_only=True)
-    mismatch = _state_mismatch(seeded, state)
-    if mismatch:
-        logger.warning("%s does not fit the configured model (%s): starting from the seeded "
-                       "state", version.model_uri, mismatch)
-        return seeded, f"seeded initial state ({version.model_uri} does not fit: {mismatch})"
-    logger.info("warm start from %s (alias %s)", version.model_uri, alias)
-    return state, version.model_uri
-
-
-def _state_mismatch(expected: dict, actual: dict) -> str:
-    missing = sorted(set(expected) - set(actual))
-    unexpected = sorted(set(actual) - set(expected))
-    if missing or unexpected:
-        return f"{len(missing)} missing and {len(unexpected)} unexpected keys"
-    for key, tensor in expected.items():
-        if tuple(actual[key].shape) != tuple(tensor.shape):
-            return f"{key} has shape {tuple(actual[key].shape)}, expected {tuple(tensor.shape)}"
-    return ""
+    return registry.warm_start_state(tracking_uri(config), config.tracking.model_name, alias,
+                                     seeded, workdir)
 
 
 def resolve_initial_model(config_json: str, alias: str, parent_run_id: str,
@@ -329,28 +256,6 @@ def copy_node_state(previous: str | None, out_dir: str) -> Path:
     return out
 
 
-def wait_for_reply(worker, timeout: float) -> dict[str, Any]:
-    """Wait for the reply of a `NodeProcess` to a train request with "notify_start".
-
-    As in the local runner, the worker gets `timeout` seconds (0 = no limit) to start up and
-    load its data, and `timeout` seconds again from the moment it reports that training
-    started. A worker that dies or times out gets a reply {"ok": False, "error": reason}, and
-    a timed-out worker is killed.
-    """
-    since, phase = time.monotonic(), "while starting up and loading its data"
-    while True:
-        wait([worker.connection, worker.process.sentinel], timeout=1.0)
-        message = worker.poll_message()
-        now = time.monotonic()
-        if message is not None and "event" in message:
-            since, phase = now, "of training"
-        elif message is not None:
-            return message
-        if timeout and now - since > timeout:
-            worker.kill()
-            return {"ok": False, "error": f"timed out after {timeout:g} s {phase} (round-timeout)"}
-
-
 def _train_request(node_name: str, round_index: int, global_path: str,
                    update_path: Path) -> dict[str, Any]:
     from edgeface.runner import parse_faults
@@ -371,7 +276,7 @@ def run_node_worker(config: RunConfig, node_name: str, images_root: Path, manife
     worker becomes a failed reply. So the node is reported as failed instead of failing the
     task, and aggregation decides whether the round still has its quorum.
     """
-    from edgeface.workers import NodeProcess
+    from edgeface.workers import NodeProcess, wait_for_reply
 
     threads = config.train.threads_per_worker or cpu_quota_threads() or torch.get_num_threads()
     worker = NodeProcess(node_name, images_root, manifest_path, config.model_dump(mode="json"),
@@ -477,23 +382,15 @@ def read_updates(updates_dir: str, global_state: dict[str, torch.Tensor]) -> lis
     training failed, or its update cannot be aggregated (`validate_update`: NaN or infinity,
     other keys, shapes or dtypes, an unreadable file), as the local runner screens replies.
     """
-    from edgeface.aggregation import NodeUpdate, validate_update
-
     infos = []
     for folder in sorted(Path(updates_dir).iterdir()):
         info = read_json(folder / UPDATE_INFO_FILE)
         info["state_path"] = folder / UPDATE_STATE_FILE
         info["reason"] = None if info["ok"] else (info["error"] or "unknown error")
         if info["ok"]:
-            try:
-                state = torch.load(info["state_path"], weights_only=True)
-            except (OSError, RuntimeError, EOFError) as error:
-                info["reason"] = f"update rejected: cannot read {info['state_path']}: {error}"
-            else:
-                problem = validate_update(NodeUpdate(node=info["node"], state=state,
-                                                     num_samples=info["num_samples"]),
-                                          global_state)
-                info["reason"] = f"update rejected: {problem}" if problem else None
+            problem = steps.update_problem(info["node"], info["state_path"],
+                                           info["num_samples"], global_state)
+            info["reason"] = f"update rejected: {problem}" if problem else None
         infos.append(info)
     return infos
 
@@ -517,18 +414,15 @@ def log_node_rounds(tracker, parent_run_id: str, round_index: int,
         tracker.log_metrics(child, metrics, step=round_index)
 
 
-def check_quorum(round_index: int, updates: dict, dropped: dict[str, str],
+def check_quorum(round_index: int, rounds: int, updates: dict, dropped: dict[str, str],
                  min_nodes: int) -> None:
     """Raise QuorumError, naming every dropped node and why, below `min_nodes` usable updates."""
     if len(updates) >= min_nodes:
         return
-    reasons = "; ".join(f"{n}: {r}" for n, r in sorted(dropped.items()))
-    raise QuorumError(
-        f"round {round_index + 1}: only {len(updates)} of {len(updates) + len(dropped)} nodes "
-        f"returned a usable update, fewer than the quorum of {min_nodes}. Dropped nodes: "
-        f"{reasons}. Fix the nodes and run the pipeline again, or lower min-nodes or "
-        "min-fraction in the config_json parameter"
-    )
+    raise steps.quorum_error(
+        round_index, rounds, len(updates), len(updates) + len(dropped), dropped, min_nodes,
+        "Fix the nodes and run the pipeline again, or lower min-nodes or min-fraction in the "
+        "config_json parameter")
 
 
 def aggregate(config_json: str, round_index: int, parent_run_id: str, global_in: str,
@@ -553,7 +447,7 @@ def aggregate(config_json: str, round_index: int, parent_run_id: str, global_in:
     strategy = steps.make_strategy(config, len(infos))
     if server_state_in is not None:
         strategy.load_state_dict(torch.load(server_state_in, weights_only=True))
-    check_quorum(round_index, updates, dropped, strategy.min_nodes)
+    check_quorum(round_index, config.train.rounds, updates, dropped, strategy.min_nodes)
     aggregated = steps.aggregate_step(strategy, global_state, updates)
     steps.save_atomic(aggregated.state, Path(global_out))
     steps.save_atomic(strategy.state_dict(), Path(server_state_out))
@@ -623,23 +517,6 @@ def export_onnx(config_json: str, global_path: str, evaluation_dir: str, result_
             "opset": config.export.opset}
 
 
-def registration_tags(config: RunConfig, fingerprint: str, result: dict[str, Any],
-                      parity: dict[str, Any]) -> dict[str, Any]:
-    """Return the model version tags, the same keys as the local runner sets."""
-    # TODO: the runner builds the same dict inline in LocalRunner._finish; move both into
-    # edgeface.steps so they cannot drift apart.
-    return {"edgeface.dataset_fingerprint": fingerprint,
-            "edgeface.config_hash": config.config_hash(), "edgeface.code_version": __version__,
-            "edgeface.partition": config.partition.strategy,
-            "edgeface.nodes": config.partition.nodes, "edgeface.rounds": config.train.rounds,
-            "edgeface.threshold": result["threshold"],
-            "edgeface.onnx_parity_ok": parity["ok"],
-            "edgeface.onnx_max_abs_diff": parity["max_abs_diff"],
-            "edgeface.protocol": result["protocol"],
-            "edgeface.crop": json.dumps(list(config.data.crop)),
-            **{f"edgeface.metric.{k}": v for k, v in result["metrics"].items()}}
-
-
 def register(config_json: str, parent_run_id: str, fingerprint: str, onnx_dir: str,
              global_path: str, result_path: str) -> str:
     """Register the ONNX model with the backbone state as an extra file; return its URI.
@@ -648,13 +525,14 @@ def register(config_json: str, parent_run_id: str, fingerprint: str, onnx_dir: s
     under the registry lock, and idempotent on the parent run, so a retried task returns the
     version that the first attempt registered.
     """
-    from edgeface import registry
-
     config = load_run_config(config_json)
     tracker = open_tracker(config)
     onnx_path = Path(onnx_dir) / ONNX_FILE
-    tags = registration_tags(config, fingerprint, read_json(result_path),
-                             read_json(Path(onnx_dir) / "parity.json"))
+    result, parity = read_json(result_path), read_json(Path(onnx_dir) / "parity.json")
+    tags = steps.registration_tags(
+        config, fingerprint=fingerprint, metrics=result["metrics"],
+        threshold=result["threshold"], protocol=result["protocol"], parity_ok=parity["ok"],
+        max_abs_diff=parity["max_abs_diff"])
     tracker.log_artifact(parent_run_id, onnx_path)
     with tempfile.TemporaryDirectory(prefix="edgeface-register-") as workdir:
         backbone_file = Path(workdir) / BACKBONE_FILE

@@ -45,6 +45,8 @@ from edgeface.tracking import ModelRegistry, ModelVersionInfo, sqlite_database
 logger = logging.getLogger(__name__)
 
 DEFAULT_TARGET_ALIAS = "champion"
+# The backbone state dict file attached to a registered version, for warm starts.
+BACKBONE_FILE = "backbone.pt"
 ACCURACY_TAG = "edgeface.metric.verification_accuracy_mean"
 METRIC_TAG_PREFIX = "edgeface.metric."
 THRESHOLD_TAG = "edgeface.threshold"
@@ -258,6 +260,52 @@ def register_version(
         return tracking.register_onnx_model(
             tracker, parent_run_id, onnx_path, model_name, **options
         )
+
+
+def warm_start_state(tracking_uri: str, model_name: str, alias: str, seeded: dict,
+                     workdir: Path) -> tuple[dict, str]:
+    """Return the backbone state to start training from, and where it came from.
+
+    The registered version `models:/<model_name>@<alias>` is used when it exists, carries the
+    backbone state dict as the extra file `backbone.pt` (both `edgeface run` and the pipeline
+    attach it) and has the keys and shapes of `seeded`. Otherwise `seeded` is returned, with
+    the reason in the source text and the log.
+
+    Raises:
+        TrackingError: the tracking server is unreachable.
+    """
+    import torch
+
+    try:
+        version = ModelRegistry(tracking_uri).get_version(model_name, alias)
+    except RegistryError as error:
+        logger.info("no warm start from models:/%s@%s: %s", model_name, alias, error)
+        return seeded, f"seeded initial state (models:/{model_name}@{alias} not found)"
+    folder = tracking.download_model(tracking_uri, version.model_uri, workdir)
+    state_path = folder / "extra_files" / BACKBONE_FILE
+    if not state_path.is_file():
+        logger.warning("%s has no %s extra file: starting from the seeded state",
+                       version.model_uri, BACKBONE_FILE)
+        return seeded, f"seeded initial state ({version.model_uri} has no backbone state)"
+    state = torch.load(state_path, weights_only=True)
+    mismatch = _state_mismatch(seeded, state)
+    if mismatch:
+        logger.warning("%s does not fit the configured model (%s): starting from the seeded "
+                       "state", version.model_uri, mismatch)
+        return seeded, f"seeded initial state ({version.model_uri} does not fit: {mismatch})"
+    logger.info("warm start from %s (alias %s)", version.model_uri, alias)
+    return state, version.model_uri
+
+
+def _state_mismatch(expected: dict, actual: dict) -> str:
+    missing = sorted(set(expected) - set(actual))
+    unexpected = sorted(set(actual) - set(expected))
+    if missing or unexpected:
+        return f"{len(missing)} missing and {len(unexpected)} unexpected keys"
+    for key, tensor in expected.items():
+        if tuple(actual[key].shape) != tuple(tensor.shape):
+            return f"{key} has shape {tuple(actual[key].shape)}, expected {tuple(tensor.shape)}"
+    return ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,15 +34,13 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import yaml
 
 from edgeface import __version__, steps
-from edgeface.aggregation import NodeUpdate, validate_update
 from edgeface.config import RunConfig
 from edgeface.data.cache import dataset_fingerprint
-from edgeface.errors import DataError, EdgefaceError, QuorumError
+from edgeface.errors import DataError, EdgefaceError
 from edgeface.workers import FAULT_KINDS, NodeProcess, plan_parallelism
 
 if TYPE_CHECKING:
@@ -120,17 +118,6 @@ def parse_faults(spec: str | None) -> dict[tuple[str, int], str]:
             )
         faults[(node.strip(), round_index)] = kind
     return faults
-
-
-def _update_problem(node: str, path: Path, num_samples: int,
-                    global_state: dict[str, torch.Tensor]) -> str | None:
-    """Return why the update file of `node` cannot be aggregated, or None when it can."""
-    try:
-        state = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        return f"cannot read the update file {path}: {error}"
-    update = NodeUpdate(node=node, state=state, num_samples=num_samples)
-    return validate_update(update, global_state)
 
 
 def _write_text_atomic(text: str, path: Path) -> None:
@@ -671,7 +658,7 @@ class LocalRunner:
                 outcome.failures[name] = reply.get("error", "unknown error")
                 continue
             path, count = Path(reply["update_path"]), reply["num_samples"]
-            reason = _update_problem(name, path, count, global_state)
+            reason = steps.update_problem(name, path, count, global_state)
             if reason is None:
                 outcome.updates[name] = (path, count, reply["metrics"])
             else:
@@ -700,16 +687,14 @@ class LocalRunner:
         if len(outcome.updates) >= strategy.min_nodes:
             return
         federation = self.config.federation
-        reasons = "; ".join(f"{n}: {r}" for n, r in sorted(outcome.dropped().items()))
-        raise QuorumError(
-            f"round {round_index + 1}/{self.config.train.rounds}: only {len(outcome.updates)} "
-            f"of {len(self.workers)} nodes returned a usable update, fewer than the quorum of "
-            f"{strategy.min_nodes} (min-nodes {federation.min_nodes}, min-fraction "
-            f"{federation.min_fraction:g}). Dropped nodes: {reasons}. The {round_index} "
-            f"completed round(s) are kept in {self.run_dir / 'checkpoints'}: fix the nodes and "
-            f"resume with `edgeface run --resume {self.run_dir}`, or start a new run with a "
-            "lower --min-nodes or --min-fraction"
-        )
+        raise steps.quorum_error(
+            round_index, self.config.train.rounds, len(outcome.updates), len(self.workers),
+            outcome.dropped(), strategy.min_nodes,
+            f"The quorum comes from min-nodes {federation.min_nodes} and min-fraction "
+            f"{federation.min_fraction:g}. The {round_index} completed round(s) are kept in "
+            f"{self.run_dir / 'checkpoints'}: fix the nodes and resume with `edgeface run "
+            f"--resume {self.run_dir}`, or start a new run with a lower --min-nodes or "
+            "--min-fraction")
 
     # --- export, registration, summary --------------------------------------------------
 
@@ -731,22 +716,19 @@ class LocalRunner:
         logger.info("ONNX parity on %d real faces: max abs diff %.2e, %s", len(images),
                     parity.max_abs_diff, "ok" if parity.ok else "FAILED")
         export.require_parity(parity)
-        metrics = result.metrics()
-        tags = {"edgeface.dataset_fingerprint": fingerprint,
-                "edgeface.config_hash": config.config_hash(), "edgeface.code_version": __version__,
-                "edgeface.partition": config.partition.strategy,
-                "edgeface.nodes": config.partition.nodes, "edgeface.rounds": config.train.rounds,
-                "edgeface.threshold": threshold, "edgeface.onnx_parity_ok": parity.ok,
-                "edgeface.onnx_max_abs_diff": parity.max_abs_diff,
-                "edgeface.protocol": evaluation.plan.name,
-                "edgeface.crop": json.dumps(list(config.data.crop)),
-                **{f"edgeface.metric.{k}": v for k, v in metrics.items()}}
+        tags = steps.registration_tags(
+            config, fingerprint=fingerprint, metrics=result.metrics(), threshold=threshold,
+            protocol=evaluation.plan.name, parity_ok=parity.ok, max_abs_diff=parity.max_abs_diff)
+        # The backbone state travels with the version, so that a pipeline run can warm-start
+        # from a model that `edgeface run` registered.
+        backbone_file = self.run_dir / "model" / registry.BACKBONE_FILE
+        steps.save_atomic(global_state, backbone_file)
         with steps.timed("register", self.timings):
             tracker.log_artifact(parent, onnx_path)
             version = registry.register_version(
                 tracker, parent, onnx_path, config.tracking.model_name,
                 image_size=config.data.image_size, embedding_dim=config.model.embedding_dim,
-                tags=tags, alias=config.tracking.alias,
+                tags=tags, alias=config.tracking.alias, extra_files=[backbone_file],
             )
         logger.info("registered %s version %d with alias %r", version.name, version.version,
                     config.tracking.alias)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,13 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeface.aggregation import NodeUpdate, Strategy, build_strategy
+from edgeface.aggregation import NodeUpdate, Strategy, build_strategy, validate_update
 from edgeface.config import RunConfig
 from edgeface.data.cache import PreprocessSpec, build_cache, load_cache
 from edgeface.data.ingest import ImageRecord, check_bad_fraction, list_images, resolve_images_root
 from edgeface.data.partition import NodeShard, Partition, partition, read_manifest
 from edgeface.data.protocol import EvaluationPlan, make_plan
-from edgeface.errors import DataError
+from edgeface.errors import DataError, QuorumError
 from edgeface.evaluation import EvaluationResult, evaluate_plan
 from edgeface.model import ModelSpec, build_backbone, to_input
 from edgeface.training import build_face_model, embed, round_learning_rate, train_local
@@ -236,6 +237,54 @@ def initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
     torch.manual_seed(config.seed)
     backbone = build_backbone(model_spec(config))
     return {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+
+
+def registration_tags(config: RunConfig, *, fingerprint: str, metrics: dict[str, float],
+                      threshold: float, protocol: str, parity_ok: bool,
+                      max_abs_diff: float) -> dict[str, Any]:
+    """Return the tags of a registered model version, for the local runner and the pipeline.
+
+    They tie the version to its data (fingerprint), config, code, evaluation and ONNX parity.
+    """
+    from edgeface import __version__
+
+    return {"edgeface.dataset_fingerprint": fingerprint,
+            "edgeface.config_hash": config.config_hash(), "edgeface.code_version": __version__,
+            "edgeface.partition": config.partition.strategy,
+            "edgeface.nodes": config.partition.nodes, "edgeface.rounds": config.train.rounds,
+            "edgeface.threshold": threshold, "edgeface.onnx_parity_ok": parity_ok,
+            "edgeface.onnx_max_abs_diff": max_abs_diff, "edgeface.protocol": protocol,
+            "edgeface.crop": json.dumps(list(config.data.crop)),
+            **{f"edgeface.metric.{key}": value for key, value in metrics.items()}}
+
+
+def update_problem(node: str, path: Path, num_samples: int,
+                   global_state: dict[str, torch.Tensor]) -> str | None:
+    """Return why the update file of `node` cannot be aggregated, or None when it can.
+
+    The reasons are those of `edgeface.aggregation.validate_update` (NaN or infinity, other
+    keys, shapes or dtypes) and an unreadable file.
+    """
+    try:
+        state = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        return f"cannot read the update file {path}: {error}"
+    return validate_update(NodeUpdate(node=node, state=state, num_samples=num_samples),
+                           global_state)
+
+
+def quorum_error(round_index: int, rounds: int, usable: int, total: int,
+                 dropped: dict[str, str], min_nodes: int, fix: str) -> QuorumError:
+    """Return the error for a round with fewer usable updates than the quorum.
+
+    The message names every dropped node with its reason and ends with `fix`, the next step
+    in the caller's terms (resume a local run, or rerun the pipeline).
+    """
+    reasons = "; ".join(f"{name}: {reason}" for name, reason in sorted(dropped.items()))
+    return QuorumError(
+        f"round {round_index + 1}/{rounds}: only {usable} of {total} nodes returned a usable "
+        f"update, fewer than the quorum of {min_nodes}. Dropped nodes: {reasons}. {fix}"
+    )
 
 
 def make_strategy(config: RunConfig, num_nodes: int) -> Strategy:

@@ -566,6 +566,20 @@ class Tracker:
             for run in runs
         }
 
+    @_tracked("find a run by tag")
+    def find_run_by_tag(self, key: str, value: str) -> str | None:
+        """Return the id of a run of this experiment whose tag `key` equals `value`, or None.
+
+        Raises:
+            ValueError: `key` or `value` has characters that an MLflow search filter cannot hold.
+        """
+        if not re.match(r"^[\w.-]+$", value) or not re.match(r"^[\w.-]+$", key):
+            raise ValueError(f"tag {key!r}={value!r} cannot be used in an MLflow search filter")
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{key}` = '{value}'", max_results=1
+        )
+        return runs[0].info.run_id if runs else None
+
     @_tracked("read a metric history")
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         """Return (step, value) of every logged value of metric `key`, ordered by step."""

@@ -23,7 +23,7 @@ import sys
 import time
 import traceback
 import zlib
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
@@ -344,3 +344,25 @@ class NodeProcess:
         self.connection = None
         self.process = None
         self.busy_since = None
+
+
+def wait_for_reply(worker: NodeProcess, timeout: float) -> dict[str, Any]:
+    """Wait for the reply of a `NodeProcess` to a train request with "notify_start".
+
+    As in the local runner, the worker gets `timeout` seconds (0 = no limit) to start up and
+    load its data, and `timeout` seconds again from the moment it reports that training
+    started. A worker that dies or times out gets a reply {"ok": False, "error": reason}, and
+    a timed-out worker is killed.
+    """
+    since, phase = time.monotonic(), "while starting up and loading its data"
+    while True:
+        wait([worker.connection, worker.process.sentinel], timeout=1.0)
+        message = worker.poll_message()
+        now = time.monotonic()
+        if message is not None and "event" in message:
+            since, phase = now, "of training"
+        elif message is not None:
+            return message
+        if timeout and now - since > timeout:
+            worker.kill()
+            return {"ok": False, "error": f"timed out after {timeout:g} s {phase} (round-timeout)"}

@@ -6,9 +6,9 @@ Kubernetes setting, so volumes are not mounted: tasks read the dataset and node 
 their paths on this machine. kfp.local deletes its workspace folder after each run, so each
 run gets a temporary one.
 
-A whole pipeline run takes several minutes on 2 cores, mostly Python starting and importing
-torch and MLflow in each of its 15-30 tasks. The full runs are marked slow; the default run
-covers the data stage of the real DAG under kfp.local and the component code in-process.
+A whole pipeline run takes one to two and a half minutes on 2 cores, mostly Python starting
+and importing torch and MLflow in each of its 15-30 tasks. Three whole runs (simulation with a
+failing node, pre-placed, a failed quorum) are in the default test run, about five minutes.
 """
 
 
@@ -27,6 +27,7 @@ from components import common, runtime
 from components.definitions import build_components
 from edgeface import steps
 from edgeface.config import load_config
+from edgeface.data.protocol import plan_from_dict, plan_to_dict
 from edgeface.errors import ConfigError, DataError, QuorumError
 from edgeface.fleet import load_fleet
 from pipelines.federated import (
@@ -140,7 +141,7 @@ def orl_plan(orl_dir: Path):
 
 def test_plan_round_trips_through_json(orl_plan) -> None:
     _, _, plan = orl_plan
-    restored = runtime.plan_from_dict(json.loads(json.dumps(runtime.plan_to_dict(plan))))
+    restored = plan_from_dict(json.loads(json.dumps(plan_to_dict(plan))))
     assert restored == plan
 
 
@@ -195,9 +196,9 @@ def test_bundle_copies_and_merges(tmp_path: Path) -> None:
 
 def test_quorum_error_names_failures() -> None:
     updates = {"edge-0": (Path("state.pt"), 10, {})}
-    runtime.check_quorum(0, updates, {"edge-1": "timed out"}, min_nodes=1)
-    with pytest.raises(QuorumError, match=r"round 3: only 1 of 2 nodes.*edge-1: timed out"):
-        runtime.check_quorum(2, updates, {"edge-1": "timed out"}, min_nodes=2)
+    runtime.check_quorum(0, 3, updates, {"edge-1": "timed out"}, min_nodes=1)
+    with pytest.raises(QuorumError, match=r"round 3/3: only 1 of 2 nodes.*edge-1: timed out"):
+        runtime.check_quorum(2, 3, updates, {"edge-1": "timed out"}, min_nodes=2)
 
 
 def test_unusable_update_dropped(orl_plan, tmp_path: Path) -> None:
@@ -326,7 +327,7 @@ def test_warm_start_falls_back_to_seeded_state(orl_plan, tmp_path: Path,
         assert all(torch.equal(state[key], seeded[key]) for key in seeded)
 
 
-# --- whole pipeline under kfp.local (slow) --------------------------------------------------
+# --- whole pipeline under kfp.local --------------------------------------------------
 
 
 def run_pipeline(options, tmp: Path, dataset_dir: Path, faults: str = "",
@@ -366,7 +367,6 @@ def simulation_run(orl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         yield tmp
 
 
-@pytest.mark.slow
 def test_simulation_run_registers_model(simulation_run: Path) -> None:
     client = mlflow_client(simulation_run)
     model = client.get_registered_model("edgeface")
@@ -384,7 +384,6 @@ def test_simulation_run_registers_model(simulation_run: Path) -> None:
     assert "seeded initial state" in parent.data.tags["edgeface.warm_start"]
 
 
-@pytest.mark.slow
 def test_simulation_run_survives_node_failure(simulation_run: Path) -> None:
     client = mlflow_client(simulation_run)
     runs = runs_by_kind(simulation_run)
@@ -402,7 +401,6 @@ def test_simulation_run_survives_node_failure(simulation_run: Path) -> None:
     assert sorted(edge_1) == [(0, 1.0), (1, 0.0)]
 
 
-@pytest.mark.slow
 def test_simulation_run_onnx_embeds_faces(simulation_run: Path, orl_dir: Path) -> None:
     from edgeface import export
 
@@ -415,7 +413,6 @@ def test_simulation_run_onnx_embeds_faces(simulation_run: Path, orl_dir: Path) -
     assert np.all(np.isfinite(embeddings))
 
 
-@pytest.mark.slow
 def test_warm_start_uses_champion(simulation_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from edgeface import tracking
 
@@ -431,7 +428,6 @@ def test_warm_start_uses_champion(simulation_run: Path, monkeypatch: pytest.Monk
     assert all(torch.equal(state[key], expected[key]) for key in expected)
 
 
-@pytest.mark.slow
 def test_pre_placed_run_trains_on_node_folders(local_env: Path, orl_dir: Path) -> None:
     from edgeface.cluster import load_fleet_data
 
@@ -452,7 +448,6 @@ def test_pre_placed_run_trains_on_node_folders(local_env: Path, orl_dir: Path) -
     assert {alias: int(version) for alias, version in aliases.items()} == {"challenger": 1}
 
 
-@pytest.mark.slow
 def test_failed_quorum_marks_run_failed(local_env: Path, orl_dir: Path) -> None:
     options = small_options(local_env, "simulation", rounds=1)
     run_pipeline(options, local_env, orl_dir, faults="edge-0:error@0,edge-1:error@0",

@@ -63,6 +63,39 @@ def test_run_registers_challenger(finished_run) -> None:
     assert version.tags["edgeface.parent_run_id"] == summary["mlflow"]["run_id"]
 
 
+def test_run_version_warm_starts(finished_run, tmp_path: Path) -> None:
+    """The version carries backbone.pt, so a pipeline run can start from it."""
+    import torch
+
+    from edgeface import registry, steps
+    from edgeface.config import load_config
+
+    workdir, _ = finished_run
+    summary = json.loads((workdir / "run1" / "summary.json").read_text())
+    config = load_config(None, {"nodes": 2, "image-size": 32})
+    seeded = steps.initial_state(config)
+    state, source = registry.warm_start_state(summary["mlflow"]["tracking_uri"], "edgeface",
+                                              "challenger", seeded, tmp_path)
+    assert source == "models:/edgeface/1"
+    final = torch.load(workdir / "run1" / "model" / registry.BACKBONE_FILE, weights_only=True)
+    assert sorted(state) == sorted(seeded)
+    assert all(torch.equal(state[key], final[key]) for key in final)
+    assert not all(torch.equal(state[key], seeded[key]) for key in seeded)
+
+
+def test_warm_start_rejects_other_architecture(finished_run, tmp_path: Path) -> None:
+    from edgeface import registry, steps
+    from edgeface.config import load_config
+
+    workdir, _ = finished_run
+    summary = json.loads((workdir / "run1" / "summary.json").read_text())
+    wider = steps.initial_state(load_config(None, {"image-size": 32, "embedding-dim": 64}))
+    state, source = registry.warm_start_state(summary["mlflow"]["tracking_uri"], "edgeface",
+                                              "challenger", wider, tmp_path)
+    assert state is wider
+    assert "does not fit" in source
+
+
 def test_run_writes_partition_report(finished_run) -> None:
     workdir, _ = finished_run
     report = json.loads((workdir / "run1" / "partition.json").read_text())

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -559,3 +560,44 @@ def _sample_mismatched(
                 chosen.setdefault((min(i, j), max(i, j)), None)
     pairs = np.array(list(chosen), dtype=np.int64)
     return pairs[:, 0], pairs[:, 1]
+
+
+# --- serialisation --------------------------------------------------------------------------
+
+
+def _record(record: ImageRecord) -> list[str]:
+    return [record.identity, record.path]
+
+
+def _pair(pair: Pair) -> list[Any]:
+    return [*_record(pair.a), *_record(pair.b), pair.same]
+
+
+def plan_to_dict(plan: EvaluationPlan) -> dict[str, Any]:
+    """Return `plan` as JSON-ready lists, for a pipeline artifact; `plan_from_dict` reverses it."""
+    return {
+        "name": plan.name,
+        "train_records": [_record(r) for r in plan.train_records],
+        "test_folds": [[_pair(p) for p in fold] for fold in plan.test_folds],
+        "threshold_pairs": (None if plan.threshold_pairs is None
+                            else [_pair(p) for p in plan.threshold_pairs]),
+        "gallery": [_record(r) for r in plan.gallery],
+        "probes": [_record(r) for r in plan.probes],
+    }
+
+
+def plan_from_dict(data: dict[str, Any]) -> EvaluationPlan:
+    def records(items: list[list[str]]) -> list[ImageRecord]:
+        return [ImageRecord(identity, path) for identity, path in items]
+
+    def pairs(items: list[list[Any]]) -> list[Pair]:
+        return [Pair(ImageRecord(a_id, a_path), ImageRecord(b_id, b_path), bool(same))
+                for a_id, a_path, b_id, b_path, same in items]
+
+    threshold = data["threshold_pairs"]
+    return EvaluationPlan(
+        name=data["name"], train_records=records(data["train_records"]),
+        test_folds=[pairs(fold) for fold in data["test_folds"]],
+        threshold_pairs=None if threshold is None else pairs(threshold),
+        gallery=records(data["gallery"]), probes=records(data["probes"]),
+    )
