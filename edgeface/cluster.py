@@ -24,7 +24,16 @@ from typing import Any
 import yaml
 
 from edgeface.errors import ConfigError, DataError, EdgefaceError
-from edgeface.fleet import EDGE_ROLE_LABEL, EDGE_ROLE_VALUE, EdgeNode, Fleet
+from edgeface.fleet import (
+    DATASET_NODE_PATH,
+    DATASET_PVC,
+    EDGE_ROLE_LABEL,
+    EDGE_ROLE_VALUE,
+    PIPELINE_NAMESPACE,
+    EdgeNode,
+    Fleet,
+    node_pvc_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +42,8 @@ logger = logging.getLogger(__name__)
 K3S_IMAGE = "rancher/k3s:v1.35.5-k3s1"
 # Name of the file that `load_fleet_data` writes into each node folder it fills.
 SHARE_MARKER = ".edgeface-share.json"
+# Capacity written on the data volumes and claims; hostPath volumes do not enforce it.
+VOLUME_SIZE = "50Gi"
 
 
 class CommandError(EdgefaceError):
@@ -90,9 +101,76 @@ def render_k3d_config(fleet: Fleet, host_cpus: int | None = None) -> dict[str, A
     if host_cpus is None:
         logger.warning("Docker host CPU count unknown: agents get no CPU reservation, so the "
                        "scheduler sees every host CPU on each agent")
+    if fleet.dataset_host_path is not None:
+        # Every node, the server included: the central data tasks run off the edge agents.
+        config["volumes"].append({"volume": f"{fleet.dataset_host_path}:{DATASET_NODE_PATH}",
+                                  "nodeFilters": ["server:*", "agent:*"]})
     for index, node in enumerate(fleet.nodes):
         _add_agent(config, fleet, index, node, agents_memory_mib, host_cpus)
     return config
+
+
+# --------------------------------------------------------------------------- volumes
+
+
+def render_volumes(fleet: Fleet, size: str = VOLUME_SIZE) -> list[dict[str, Any]]:
+    """Return the PersistentVolumes and claims that the pipeline's tasks mount.
+
+    Per edge node, a hostPath PersistentVolume over the node's `data-path`, with a required
+    node affinity to that node's label, pre-bound to the claim `edgeface-data-<node name>` in
+    the pipeline namespace (pre-placed mode mounts it in that node's edge tasks). With
+    `dataset-host-path` set, also the claim `edgeface-dataset` on a hostPath volume that every
+    k3d node mounts (the central data tasks, and simulation mode's edge tasks).
+
+    The volumes use no storage class, so k3s's local-path provisioner leaves them alone, and
+    the reclaim policy Retain, so deleting a claim never deletes a node's images. Kubernetes
+    does not enforce `size` on hostPath volumes: it only has to match between volume and claim.
+    """
+    documents: list[dict[str, Any]] = []
+    if fleet.dataset_host_path is not None:
+        documents += _volume_and_claim(DATASET_PVC, DATASET_NODE_PATH, "ReadOnlyMany", size,
+                                       node_affinity=None)
+    for node in fleet.nodes:
+        affinity = {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+            {"key": fleet.node_label_key, "operator": "In", "values": [node.label]}]}]}}
+        documents += _volume_and_claim(node_pvc_name(node.name), node.data_path,
+                                       "ReadWriteOnce", size, node_affinity=affinity)
+    return documents
+
+
+def _volume_and_claim(claim: str, host_path: str, access_mode: str, size: str,
+                      node_affinity: dict[str, Any] | None) -> list[dict[str, Any]]:
+    labels = {"app.kubernetes.io/part-of": "edgeface"}
+    volume: dict[str, Any] = {
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": claim, "labels": labels},
+        "spec": {
+            "capacity": {"storage": size},
+            "accessModes": [access_mode],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "hostPath": {"path": host_path, "type": "Directory"},
+            "claimRef": {"namespace": PIPELINE_NAMESPACE, "name": claim},
+        },
+    }
+    if node_affinity is not None:
+        volume["spec"]["nodeAffinity"] = node_affinity
+    claim_document = {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": claim, "namespace": PIPELINE_NAMESPACE, "labels": labels},
+        "spec": {
+            "accessModes": [access_mode],
+            "storageClassName": "",
+            "volumeName": claim,
+            "resources": {"requests": {"storage": size}},
+        },
+    }
+    return [volume, claim_document]
+
+
+def volumes_yaml(documents: list[dict[str, Any]]) -> str:
+    """Return `documents` as one multi-document YAML stream for `kubectl apply -f -`."""
+    return yaml.safe_dump_all(documents, sort_keys=False)
 
 
 def _add_agent(config: dict[str, Any], fleet: Fleet, index: int, node: EdgeNode,
@@ -177,8 +255,10 @@ def require_tools(names: Iterable[str]) -> None:
 
 
 def run_command(args: Sequence[str], *, timeout: float, check: bool = True,
-                cwd: Path | None = None) -> CommandResult:
+                cwd: Path | None = None, input_text: str | None = None) -> CommandResult:
     """Run one external command with a timeout in seconds and capture its output.
+
+    `input_text`, when given, is written to the command's standard input.
 
     Raises:
         CommandError: the program is not on PATH, it ran past `timeout`, or (with `check`) it
@@ -188,7 +268,8 @@ def run_command(args: Sequence[str], *, timeout: float, check: bool = True,
     logger.debug("running %s", command)
     try:
         completed = subprocess.run(
-            list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+            list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
+            input=input_text,
         )
     except FileNotFoundError:
         hint = INSTALL_HINTS.get(args[0], "install it or fix PATH")

@@ -11,6 +11,7 @@ ConfigError.
     node-label-key: edgeface.io/node
     edge-taint: {key: edgeface.io/edge, value: "true", effect: NoSchedule}   # optional
     mlflow: {secret: edgeface-mlflow, config-map: edgeface-mlflow}
+    dataset-host-path: ./fleet-data/dataset   # optional, relative like host-data-path
     nodes:
       - name: edge-0                   # unique DNS-1123 label
         label: edge-0                  # value of node-label-key on the k3d agent
@@ -57,6 +58,16 @@ TRAINING_POD_VALUE = "edge-training"
 PIPELINE_NAMESPACE = "kubeflow"
 # ServiceAccount in PIPELINE_NAMESPACE that pipeline runs use, defined in k8s/base.
 RUNNER_SERVICE_ACCOUNT = "edgeface-pipeline-runner"
+# PersistentVolumeClaim in PIPELINE_NAMESPACE with the dataset that the central data tasks
+# (and, in simulation mode, the edge tasks) mount, and the folder where every k3d node sees the
+# fleet's `dataset-host-path`.
+DATASET_PVC = "edgeface-dataset"
+DATASET_NODE_PATH = "/srv/edgeface/dataset"
+
+
+def node_pvc_name(node_name: str) -> str:
+    """Return the PVC with a pre-placed node's images: `edgeface-data-<node name>`."""
+    return f"edgeface-data-{node_name}"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -235,7 +246,17 @@ class Fleet(_Section):
     node_label_key: LabelKey = "edgeface.io/node"
     edge_taint: EdgeTaint | None = None
     mlflow: MlflowRefs = MlflowRefs()
+    dataset_host_path: Path | None = Field(
+        None, description="folder on the Docker host with the whole dataset, mounted on every "
+                          "k3d node for the PVC edgeface-dataset; optional")
     nodes: list[EdgeNode] = Field(min_length=1)
+
+    @field_validator("dataset_host_path")
+    @classmethod
+    def _check_dataset_path(cls, path: Path | None) -> Path | None:
+        if path is not None and (not str(path) or any(char in str(path) for char in ":,")):
+            raise ValueError("expected a folder path without ':' or ','")
+        return path
 
     @field_validator("name")
     @classmethod
@@ -269,7 +290,7 @@ class Fleet(_Section):
 def load_fleet(path: Path | str) -> Fleet:
     """Read and validate a fleet file.
 
-    A relative `host-data-path` is resolved against the folder that contains the file, and `~`
+    A relative `host-data-path` or `dataset-host-path` is resolved against the folder that contains the file, and `~`
     is expanded, so the returned paths are absolute.
 
     Raises:
@@ -294,7 +315,10 @@ def load_fleet(path: Path | str) -> Fleet:
             update={"host_data_path": (base / node.host_data_path.expanduser()).resolve()})
         for node in fleet.nodes
     ]
-    return fleet.model_copy(update={"nodes": nodes})
+    update: dict[str, Any] = {"nodes": nodes}
+    if fleet.dataset_host_path is not None:
+        update["dataset_host_path"] = (base / fleet.dataset_host_path.expanduser()).resolve()
+    return fleet.model_copy(update=update)
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from components.definitions import MAX_FAN_IN, Components, build_components
 from edgeface.config import RunConfig, load_config
 from edgeface.errors import ConfigError
 from edgeface.fleet import (
+    DATASET_PVC,
     EDGE_ROLE_LABEL,
     EDGE_ROLE_VALUE,
     TRAINING_POD_LABEL,
@@ -52,6 +53,7 @@ from edgeface.fleet import (
     EdgeNode,
     Fleet,
 )
+from edgeface.fleet import node_pvc_name as fleet_node_pvc_name
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ PIPELINE_NAME = "edgeface-federated"
 Mode = Literal["simulation", "pre-placed"]
 MODES: tuple[str, ...] = ("simulation", "pre-placed")
 DATASET_MOUNT = "/data/dataset"
-DEFAULT_DATASET_PVC = "edgeface-dataset"
+DEFAULT_DATASET_PVC = DATASET_PVC
 DEFAULT_WARM_START_ALIAS = "champion"
 # Hard limit on an edge task's pod, on top of the config's round-timeout, which the training
 # task enforces itself and reports as a node failure.
@@ -83,8 +85,8 @@ LARGE_PIPELINE_BYTES = 1024 * 1024
 
 
 def node_pvc_name(node: EdgeNode) -> str:
-    """Return the PVC with a pre-placed node's images: `edgeface-data-<node name>`."""
-    return f"edgeface-data-{node.name}"
+    """Return the PVC with a pre-placed node's images (see `edgeface.fleet.node_pvc_name`)."""
+    return fleet_node_pvc_name(node.name)
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,11 @@ class FakeTools:
         return [[entry["tool"], *entry["args"]]
                 for entry in map(json.loads, log.read_text().splitlines())]
 
+    def stdin_of(self, *args: str) -> list[str]:
+        """Return the standard input of every recorded call whose arguments end in `args`."""
+        entries = map(json.loads, (self.state / "calls.jsonl").read_text().splitlines())
+        return [entry["stdin"] for entry in entries if entry["args"][-len(args):] == list(args)]
+
 
 def make_fakes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                tools: tuple[str, ...] = ("docker", "k3d", "kubectl"),
@@ -177,12 +182,25 @@ def test_up_runs_exact_command_sequence(fakes: FakeTools, fleet_file: Path, mani
         [*kubectl, "wait", "--for", "condition=established", "--timeout=180s", "crd", "--all"],
         [*kubectl, "apply", "-k", str(manifests / "kfp" / "platform-agnostic")],
         [*kubectl, "apply", "-k", str(manifests / "base")],
+        [*kubectl, "apply", "-f", "-"],
         [*kubectl, "get", "pods", "--all-namespaces", "-o", "json"],
     ]
     output = capsys.readouterr().out
     assert (f"kubectl --context {CONTEXT} -n kubeflow port-forward svc/ml-pipeline-ui 8080:80"
             in output)
     assert f"kubectl --context {CONTEXT} -n edgeface port-forward svc/mlflow 5000:5000" in output
+
+
+def test_up_creates_node_volumes(fakes: FakeTools, fleet_file: Path, manifests: Path,
+                                 tmp_path: Path) -> None:
+    answer_up(fakes)
+
+    assert main(up_args(fleet_file, manifests, tmp_path)) == 0
+
+    [applied] = fakes.stdin_of("apply", "-f", "-")
+    objects = list(yaml.safe_load_all(applied))
+    claims = sorted(o["metadata"]["name"] for o in objects if o["kind"] == "PersistentVolumeClaim")
+    assert claims == ["edgeface-data-edge-0", "edgeface-data-edge-1"]
 
 
 def test_up_writes_config_and_secrets(fakes: FakeTools, fleet_file: Path, manifests: Path,

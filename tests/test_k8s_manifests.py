@@ -25,9 +25,10 @@ import pytest
 import yaml
 
 from edgeface.cli.cluster import MLFLOW_IMAGE
-from edgeface.cluster import K3S_IMAGE, read_image_list, render_k3d_config
+from edgeface.cluster import K3S_IMAGE, read_image_list, render_k3d_config, render_volumes
 from edgeface.errors import ConfigError
 from edgeface.fleet import (
+    DATASET_PVC,
     EDGE_ROLE_LABEL,
     EDGE_ROLE_VALUE,
     PIPELINE_NAMESPACE,
@@ -36,6 +37,7 @@ from edgeface.fleet import (
     TRAINING_POD_VALUE,
     Fleet,
     load_fleet,
+    node_pvc_name,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -244,6 +246,78 @@ def test_k3d_no_cpu_reservation_without_host(tmp_path: Path) -> None:
 def test_k3d_node_larger_than_host(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"'n1' asks for cpu 2, but the Docker host has only 1"):
         render_k3d_config(mixed_fleet(tmp_path), host_cpus=1)
+
+
+# --------------------------------------------------------------------------- data volumes
+
+
+def fleet_with_dataset(tmp_path: Path) -> Fleet:
+    path = tmp_path / "fleet.yaml"
+    nodes = "".join(f"  - {{name: n{i}, label: site-{i}, host-data-path: data/n{i}, "
+                    f"data-path: /srv/faces, cpu: '1', memory: 1Gi}}\n" for i in range(3))
+    path.write_text("name: ds\nimage: edgeface:1.0\nnode-label-key: example.com/site\n"
+                    f"dataset-host-path: data/all\nnodes:\n{nodes}")
+    return load_fleet(path)
+
+
+def test_volumes_valid_for_k8s_135(example_fleet: Fleet, tmp_path: Path) -> None:
+    for fleet in (example_fleet, fleet_with_dataset(tmp_path)):
+        documents = render_volumes(fleet)
+        assert documents
+        for obj in documents:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_node_volume_pinned_to_node(tmp_path: Path) -> None:
+    fleet = fleet_with_dataset(tmp_path)
+    documents = render_volumes(fleet)
+    volumes = {o["metadata"]["name"]: o for o in documents if o["kind"] == "PersistentVolume"}
+    claims = {o["metadata"]["name"]: o for o in documents
+              if o["kind"] == "PersistentVolumeClaim"}
+
+    for node in fleet.nodes:
+        name = node_pvc_name(node.name)
+        volume, claim = volumes[name], claims[name]
+        [term] = volume["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+        assert term["matchExpressions"] == [
+            {"key": "example.com/site", "operator": "In", "values": [node.label]}]
+        assert volume["spec"]["hostPath"] == {"path": "/srv/faces", "type": "Directory"}
+        assert volume["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
+        assert volume["spec"]["claimRef"] == {"namespace": PIPELINE_NAMESPACE, "name": name}
+        assert claim["metadata"]["namespace"] == PIPELINE_NAMESPACE
+        assert claim["spec"]["volumeName"] == name
+        # An empty class keeps k3s's local-path provisioner from creating another volume.
+        assert claim["spec"]["storageClassName"] == ""
+
+
+def test_dataset_volume_on_every_k3d_node(tmp_path: Path) -> None:
+    fleet = fleet_with_dataset(tmp_path)
+    documents = render_volumes(fleet)
+    [dataset] = [o for o in documents
+                 if o["kind"] == "PersistentVolume" and o["metadata"]["name"] == DATASET_PVC]
+    assert "nodeAffinity" not in dataset["spec"]
+    assert dataset["spec"]["accessModes"] == ["ReadOnlyMany"]
+    mount = dataset["spec"]["hostPath"]["path"]
+    [entry] = [v for v in render_k3d_config(fleet, host_cpus=8)["volumes"]
+               if v["volume"].endswith(f":{mount}")]
+    assert entry == {"volume": f"{tmp_path / 'data' / 'all'}:{mount}",
+                     "nodeFilters": ["server:*", "agent:*"]}
+
+
+def test_no_dataset_volume_without_host_path(tmp_path: Path) -> None:
+    fleet = mixed_fleet(tmp_path)
+    names = [o["metadata"]["name"] for o in render_volumes(fleet)]
+    assert DATASET_PVC not in names
+    assert len(names) == 2 * len(fleet.nodes)
+
+
+def test_pipeline_mounts_rendered_claims(example_fleet: Fleet) -> None:
+    from pipelines.federated import DEFAULT_DATASET_PVC
+    from pipelines.federated import node_pvc_name as pipeline_pvc_name
+
+    claims = {o["metadata"]["name"] for o in render_volumes(example_fleet)
+              if o["kind"] == "PersistentVolumeClaim"}
+    assert {pipeline_pvc_name(node) for node in example_fleet.nodes} | {DEFAULT_DATASET_PVC} == claims
 
 
 # --------------------------------------------------------------------------- k8s/base

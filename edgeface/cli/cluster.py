@@ -32,9 +32,11 @@ from edgeface.cluster import (
     read_image_list,
     readiness_report,
     render_k3d_config,
+    render_volumes,
     require_tools,
     required_pods,
     run_command,
+    volumes_yaml,
     wait_for_pods,
 )
 from edgeface.errors import ConfigError
@@ -82,6 +84,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     help="where to write the k3d config (default build/k3d-<name>.yaml)")
     up.set_defaults(func=_run_up)
 
+    volumes = actions.add_parser(
+        "volumes", help="print the PersistentVolumes and claims of the node and dataset folders")
+    _add_fleet(volumes)
+    volumes.set_defaults(func=_run_volumes)
+
     status = actions.add_parser("status", help="show nodes, caps and readiness of key pods")
     _add_fleet(status)
     status.add_argument("--format", choices=["text", "json"], default="text",
@@ -120,6 +127,12 @@ def _add_manifests(parser: argparse.ArgumentParser) -> None:
 def _run_config(args: argparse.Namespace) -> int:
     fleet = load_fleet(args.fleet)
     sys.stdout.write(k3d_config_yaml(render_k3d_config(fleet, host_cpus=args.host_cpus)))
+    return 0
+
+
+def _run_volumes(args: argparse.Namespace) -> int:
+    fleet = load_fleet(args.fleet)
+    sys.stdout.write(volumes_yaml(render_volumes(fleet)))
     return 0
 
 
@@ -259,6 +272,10 @@ def _install_manifests(fleet: Fleet, manifests: Path) -> None:
                 timeout=APPLY_TIMEOUT_S)
     logger.info("installing MLflow, PostgreSQL and the pipeline runner's RBAC and policies")
     run_command([*kubectl, "apply", "-k", str(manifests / "base")], timeout=APPLY_TIMEOUT_S)
+    logger.info("creating the data volumes of %d edge node(s)%s", len(fleet.nodes),
+                " and the dataset" if fleet.dataset_host_path is not None else "")
+    run_command([*kubectl, "apply", "-f", "-"], timeout=APPLY_TIMEOUT_S,
+                input_text=volumes_yaml(render_volumes(fleet)))
 
 
 def port_forward_help(fleet: Fleet) -> str:

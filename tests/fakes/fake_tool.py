@@ -1,7 +1,8 @@
 """Recording fake of an external command (docker, k3d, kubectl) for the cluster CLI tests.
 
 The wrappers beside this file run `python3 fake_tool.py TOOL ARGS...`. Each call appends
-{"tool": TOOL, "args": [...]} as one JSON line to $EDGEFACE_FAKE_STATE/calls.jsonl, then
+{"tool": TOOL, "args": [...]} as one JSON line to $EDGEFACE_FAKE_STATE/calls.jsonl (with
+"stdin": TEXT added when ARGS end in `-f -`, as in `kubectl apply -f -`), then
 prints the output that $EDGEFACE_FAKE_STATE/rules.json specifies, a list of rules
 
     {"tool": "kubectl", "match": ["get", "pods"], "responses": [RESPONSE, ...]}
@@ -32,8 +33,11 @@ def _matches(pattern: list[str], args: list[str]) -> bool:
 def main() -> int:
     tool, args = sys.argv[1], sys.argv[2:]
     state = Path(os.environ["EDGEFACE_FAKE_STATE"])
+    entry = {"tool": tool, "args": args}
+    if args[-2:] == ["-f", "-"]:
+        entry["stdin"] = sys.stdin.read()
     with open(state / "calls.jsonl", "a", encoding="utf-8") as log:
-        log.write(json.dumps({"tool": tool, "args": args}) + "\n")
+        log.write(json.dumps(entry) + "\n")
     rules_path = state / "rules.json"
     rules = json.loads(rules_path.read_text()) if rules_path.exists() else []
     counts_path = state / "counts.json"
