@@ -146,6 +146,8 @@ class LocalRunner:
         self.cache_dir = steps.resolve_cache_dir(config)
         self.timings: dict[str, float] = {}
         self.workers: dict[str, NodeProcess] = {}
+        # Node name -> MLflow child run id, ended with the parent run.
+        self.children: dict[str, str] = {}
         self.parallel = 1
         self.faults = parse_faults(os.environ.get("EDGEFACE_FAULTS"))
         self.history: list[dict[str, float]] = []
@@ -377,6 +379,13 @@ class LocalRunner:
                          "`edgeface run --resume %s`", self._rounds_completed(),
                          self.config.train.rounds, self.run_dir)
             raise
+        except DataError:
+            # Fixing the data changes the dataset fingerprint, which resume rejects.
+            self._write_state(status="failed")
+            logger.error("run failed after %d of %d rounds on a data problem: fix the data, "
+                         "then start a new run with another --out folder",
+                         self._rounds_completed(), self.config.train.rounds)
+            raise
         except BaseException:
             self._write_state(status="failed")
             logger.error("run failed after %d of %d rounds; the completed rounds are kept: "
@@ -388,13 +397,17 @@ class LocalRunner:
             self._end_parent_run(tracker, parent, status)
 
     def _end_parent_run(self, tracker: Tracker, parent: str, status: str) -> None:
+        """End the node child runs and then the parent run with `status`."""
         try:
+            for child in self.children.values():
+                tracker.end_run(child, status)
             tracker.end_run(parent, status)
         except Exception as error:
             if status == "FINISHED":
                 raise
             # Another error is on its way up; this one must not replace it.
-            logger.error("could not mark MLflow run %s as %s: %s", parent, status, error)
+            logger.error("could not mark MLflow run %s and its node runs as %s: %s", parent,
+                         status, error)
 
     def _start_parent_run(self, tracker: Tracker, fingerprint: str) -> str:
         state = self._read_state()
@@ -411,12 +424,14 @@ class LocalRunner:
                      plan: EvaluationPlan, shards: Partition, fingerprint: str,
                      export: bool) -> Any:
         tracker.log_artifact(parent, self.run_dir / "partition.json")
-        children = {node.name: tracker.start_child(node.name, parent_run_id=parent)
-                    for node in shards.nodes}
-        node_reports = self._start_workers(images_root, shards)
+        # Evaluation images first: an unreadable one fails the run before workers start.
         with steps.timed("evaluation_cache", self.timings):
             evaluation = steps.prepare_evaluation(images_root, plan, self.config, self.cache_dir,
                                                   progress=self.progress)
+        children = {node.name: tracker.start_child(node.name, parent_run_id=parent)
+                    for node in shards.nodes}
+        self.children = children
+        node_reports = self._start_workers(images_root, shards)
         global_state, result, threshold = self._train_rounds(tracker, parent, children,
                                                              evaluation)
         # The workers are idle from here on; their memory and cores go to the export.

@@ -321,15 +321,42 @@ class EvaluationSet:
 
 def prepare_evaluation(images_root: Path, plan: EvaluationPlan, config: RunConfig,
                        cache_dir: Path, *, progress: bool = False) -> EvaluationSet:
+    """Decode and cache every image that evaluation embeds.
+
+    The holdout protocol, which picks its images from the dataset folder, leaves out the
+    pairs, gallery images and probes of unreadable images, up to `data.max-bad-fraction` of
+    them. The LFW protocols name fixed pairs, so there any unreadable image is an error.
+
+    Raises:
+        DataError: unreadable images that the protocol cannot leave out.
+    """
     records = plan.eval_records()
     result = build_cache(Path(images_root), records, preprocess_spec(config), Path(cache_dir),
                          progress=progress, desc="evaluation cache")
-    if result.report.bad:
-        missing = ", ".join(f"{path} ({reason})" for path, reason in result.report.bad[:5])
-        raise DataError(
-            f"{len(result.report.bad)} evaluation image(s) could not be decoded: {missing}. "
-            "The protocol needs every image it names; restore those files"
-        )
+    bad = result.report.bad
+    if bad:
+        named = ", ".join(f"{path} ({reason})" for path, reason in bad[:5])
+        limit = config.data.max_bad_fraction
+        if plan.name.startswith("lfw"):
+            raise DataError(
+                f"{len(bad)} image(s) of the {plan.name} protocol's pairs could not be decoded: "
+                f"{named}. The protocol needs every image it names: restore those files from "
+                "the original dataset"
+            )
+        if len(bad) > limit * len(records):
+            raise DataError(
+                f"{len(bad)} of {len(records)} evaluation images could not be decoded, more "
+                f"than max-bad-fraction {limit:g}: {named}. Remove or replace those files, or "
+                "raise --max-bad-fraction"
+            )
+        logger.warning("leaving %d unreadable image(s) out of the evaluation: %s", len(bad),
+                       named)
+        plan = plan.without_images({path for path, _ in bad})
+        if not all(plan.test_folds):
+            raise DataError(
+                f"after leaving out {len(bad)} unreadable image(s) a test fold has no pairs "
+                f"left: {named}. Remove or replace those files"
+            )
     array, kept = load_cache(result.path)
     return EvaluationSet(plan=plan, images=np.asarray(array),
                          index={r.path: i for i, r in enumerate(kept)})

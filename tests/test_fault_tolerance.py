@@ -185,12 +185,16 @@ def test_run_dir_clean_after_faults(faulty_run, workdir: Path) -> None:
     assert not list(run_dir.rglob(".*.tmp"))
 
 
-# --- Ctrl-C ---------------------------------------------------------------------------------
+# --- Ctrl-C and SIGTERM -----------------------------------------------------------------------
 
 
-def test_ctrl_c_stops_workers_exit_130(workdir: Path, orl_dir: Path) -> None:
-    run_dir = workdir / "interrupted"
-    log = workdir / "interrupted.log"
+@pytest.mark.parametrize(("stop_signal", "exit_code"), [(signal.SIGINT, 130),
+                                                         (signal.SIGTERM, 143)])
+def test_stop_signal_stops_workers(workdir: Path, orl_dir: Path, stop_signal: int,
+                                   exit_code: int) -> None:
+    """Ctrl-C (SIGINT) and SIGTERM (timeout, systemd, Kubernetes) both stop the run cleanly."""
+    run_dir = workdir / f"interrupted-{stop_signal}"
+    log = workdir / f"interrupted-{stop_signal}.log"
     flags = ["--nodes", "2", "--rounds", "2", "--image-size", "32", "--batch-size", "16",
              "--round-timeout", "600", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "EDGEFACE_FAULTS": "node-0:hang@0"}
@@ -203,11 +207,11 @@ def test_ctrl_c_stops_workers_exit_130(workdir: Path, orl_dir: Path) -> None:
         )
     workers: set[int] = set()
     try:
-        # node-0 hangs in round 1, so the run is surely inside the round when Ctrl-C comes.
+        # node-0 hangs in round 1, so the run is surely inside the round when the signal comes.
         wait_until(lambda: "round 1/2: training" in log.read_text(), 300, "round 1 to start")
         wait_until(lambda: len(worker_pids(process.pid)) == 2, 30, "two workers")
         workers = worker_pids(process.pid)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         code = process.wait(timeout=120)
     finally:
         if process.poll() is None:
@@ -218,7 +222,7 @@ def test_ctrl_c_stops_workers_exit_130(workdir: Path, orl_dir: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
     output = log.read_text()
-    assert code == 130, output[-3000:]
+    assert code == exit_code, output[-3000:]
     assert f"resume with `edgeface run --resume {run_dir.name}`" in output
     assert [pid for pid in workers if is_running(pid)] == []
 
@@ -226,6 +230,10 @@ def test_ctrl_c_stops_workers_exit_130(workdir: Path, orl_dir: Path) -> None:
     assert state["status"] == "interrupted"
     tracker = Tracker(resolve_tracking_uri(None, workdir), "edgeface")
     assert tracker.client.get_run(state["parent_run_id"]).info.status == "KILLED"
+    children = tracker.find_child_runs(state["parent_run_id"])
+    assert sorted(children) == ["node-0", "node-1"]
+    for run_id in children.values():
+        assert tracker.client.get_run(run_id).info.status == "KILLED"
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -277,6 +285,27 @@ def test_cli_missing_paths_exit_2(arguments: list[str], message: str, empty_work
     assert edgeface_main(argv) == 2
     assert message in caplog.text
     assert_nothing_written(empty_workdir)
+
+
+def test_cli_out_is_a_file_exit_2(empty_workdir: Path, orl_dir: Path,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    (empty_workdir / "afile").write_text("not a folder")
+    argv = ["run", "--no-progress", "--data", str(orl_dir), "--out", "afile"]
+    assert edgeface_main(argv) == 2
+    assert "invalid --out afile: it is a file" in caplog.text
+    assert (empty_workdir / "afile").read_text() == "not a folder"
+
+
+def test_cli_resume_corrupt_state_exit_2(empty_workdir: Path, orl_dir: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = empty_workdir / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("train: {rounds: 1}\n")
+    (run_dir / "state.json").write_text('{"rounds_completed": 1, "sta')
+    argv = ["run", "--no-progress", "--data", str(orl_dir), "--resume", str(run_dir)]
+    assert edgeface_main(argv) == 2
+    assert f"run state {run_dir / 'state.json'} is not valid JSON" in caplog.text
+    assert (run_dir / "state.json").read_text() == '{"rounds_completed": 1, "sta'
 
 
 def test_cli_too_many_nodes_exit_2(empty_workdir: Path, orl_dir: Path,

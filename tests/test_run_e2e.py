@@ -63,6 +63,18 @@ def test_run_registers_challenger(finished_run) -> None:
     assert version.tags["edgeface.parent_run_id"] == summary["mlflow"]["run_id"]
 
 
+def test_run_ends_node_runs(finished_run) -> None:
+    from edgeface.tracking import Tracker
+
+    workdir, _ = finished_run
+    summary = json.loads((workdir / "run1" / "summary.json").read_text())
+    tracker = Tracker(summary["mlflow"]["tracking_uri"], "edgeface")
+    children = tracker.find_child_runs(summary["mlflow"]["run_id"])
+    assert sorted(children) == ["node-0", "node-1"]
+    for run_id in children.values():
+        assert tracker.client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_run_version_warm_starts(finished_run, tmp_path: Path) -> None:
     """The version carries backbone.pt, so a pipeline run can start from it."""
     import torch

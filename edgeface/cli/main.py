@@ -14,7 +14,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from importlib.metadata import entry_points
 
 from edgeface import __version__
@@ -76,6 +78,27 @@ def configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: stop as on Ctrl-C, so the run state and MLflow record the stop."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _handle_sigterm() -> bool:
+    """Turn SIGTERM (timeout, systemd, Kubernetes) into `Terminated` in the main thread.
+
+    Only when SIGTERM still has its default action, so a program that embeds `main` keeps its
+    own handler. Returns whether the handler was installed.
+    """
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     parser = build_parser()
@@ -83,15 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    installed = _handle_sigterm()
     try:
         configure_logging(args.log_level)
         return int(args.func(args) or 0)
     except EdgefaceError as error:
         logger.error("%s", error)
         return 2
+    except Terminated:
+        logger.error("terminated by SIGTERM")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         logger.error("interrupted")
         return 130
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -76,12 +76,15 @@ def run_command(args: argparse.Namespace) -> int:
         if collect_overrides(args) or args.config:
             raise ConfigError("--resume takes no --config or config flags: the run keeps its config")
         config = load_config(config_path)
-        state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").exists() else {}
+        state = _read_run_state(run_dir / "state.json")
         data_dir = args.data or state.get("data_dir") or os.environ.get("EDGEFACE_DATA")
     else:
         config = load_config(args.config, collect_overrides(args))
         data_dir = args.data or os.environ.get("EDGEFACE_DATA")
         run_dir = args.out or _default_run_dir()
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"invalid --out {run_dir}: it is a file, not a folder. Choose a "
+                              "new folder for the run")
     if not data_dir:
         raise DataError(NO_DATA_MESSAGE)
     data_dir = Path(data_dir)
@@ -102,6 +105,17 @@ def run_command(args: argparse.Namespace) -> int:
           f"model {summary['mlflow']['model_name']} version {summary['mlflow']['model_version']} "
           f"@{summary['mlflow']['alias']})")
     return 0
+
+
+def _read_run_state(path: Path) -> dict[str, object]:
+    """Return the run state of `path`, or {} when there is none."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ConfigError(f"cannot resume: run state {path} is not valid JSON ({error}). "
+                          "Restore it, or start a new run with another --out folder") from None
 
 
 def _default_run_dir() -> Path:

@@ -88,6 +88,23 @@ class EvaluationPlan:
             unique.setdefault(record.path, record)
         return list(unique.values())
 
+    def without_images(self, paths: set[str]) -> EvaluationPlan:
+        """Return a copy without the pairs, gallery images and probes that use `paths`.
+
+        The training images stay: a node skips an unreadable one when it validates its share.
+        """
+        def keep(pairs: list[Pair]) -> list[Pair]:
+            return [pair for pair in pairs if pair.a.path not in paths and pair.b.path not in paths]
+
+        return EvaluationPlan(
+            name=self.name,
+            train_records=list(self.train_records),
+            test_folds=[keep(fold) for fold in self.test_folds],
+            threshold_pairs=None if self.threshold_pairs is None else keep(self.threshold_pairs),
+            gallery=[record for record in self.gallery if record.path not in paths],
+            probes=[record for record in self.probes if record.path not in paths],
+        )
+
 
 def lfw_record(name: str, index: int) -> ImageRecord:
     """Return the record of image ``index`` (1-based) of LFW person ``name``."""
