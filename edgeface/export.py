@@ -286,7 +286,8 @@ def embed_eager(backbone: nn.Module, images: np.ndarray) -> np.ndarray:
     """
     model = InferenceModel(copy.deepcopy(backbone).cpu().float()).eval()
     with torch.no_grad():
-        return model(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+        # A copy: torch warns on read-only arrays, such as a memory-mapped cache.
+        return model(torch.from_numpy(np.array(images, copy=True, order="C"))).numpy()
 
 
 def check_parity(

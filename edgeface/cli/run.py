@@ -91,8 +91,11 @@ def run_command(args: argparse.Namespace) -> int:
     if not data_dir.exists():
         raise DataError(f"dataset folder not found: {data_dir}. {NO_DATA_MESSAGE}")
 
-    runner = LocalRunner(config, data_dir, run_dir, resume=bool(args.resume),
-                         progress=not args.no_progress and sys.stderr.isatty())
+    progress = not args.no_progress and sys.stderr.isatty()
+    if not progress:
+        # MLflow draws its own bar when it downloads artifacts (the int8 step does).
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    runner = LocalRunner(config, data_dir, run_dir, resume=bool(args.resume), progress=progress)
     summary = runner.run()
     metrics = summary["metrics"]
     print(f"verification accuracy {metrics['verification_accuracy']:.4f} "
