@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ def time_aggregation(width: float, nodes: int, repeats: int) -> dict[str, Any]:
             "p95_ms": round(percentile(durations, 0.95) * 1000, 2), "repeats": repeats}
 
 
-def run(out, *, quick: bool) -> dict[str, Any]:
+def run(out: Path, *, quick: bool) -> dict[str, Any]:
     repeats = 10 if quick else 50
     points = [time_aggregation(width, nodes, repeats) for width in (1.0, 2.0)
               for nodes in (4, 16)]
@@ -55,8 +56,6 @@ def run(out, *, quick: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pathlib import Path
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--quick", action="store_true", help="10 timed calls instead of 50")

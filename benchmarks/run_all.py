@@ -4,8 +4,8 @@
         --lfw ../shared/data/lfw --orl ../shared/data/att_faces \
         --flower-python /tmp/flwr-venv/bin/python
 
-Writes training.json, flower.json, scaling.json, ingest.json, inference.json, compile.json and
-all.json (every record, with the command line and the total time). `--quick` sizes each
+Writes training.json, flower.json, scaling.json, aggregation.json, ingest.json,
+inference.json, compile.json and all.json (every record, with the command line and the total time). `--quick` sizes each
 benchmark to a few minutes on 2 cores. Without `--flower-python` the Flower comparison is
 skipped and all.json says so. `--only NAME ...` runs a subset.
 """
@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks import (bench_compile, bench_flower, bench_inference, bench_ingest,
-                        bench_scaling, bench_training)
+from benchmarks import (bench_aggregation, bench_compile, bench_flower, bench_inference,
+                        bench_ingest, bench_scaling, bench_training)
 from benchmarks.common import machine, utc_now, write_json
 
-NAMES = ("training", "flower", "scaling", "ingest", "inference", "compile")
+NAMES = ("training", "flower", "scaling", "aggregation", "ingest", "inference", "compile")
 
 
 def benchmark_calls(args: argparse.Namespace) -> dict[str, Callable[[], dict[str, Any]]]:
@@ -33,6 +33,7 @@ def benchmark_calls(args: argparse.Namespace) -> dict[str, Callable[[], dict[str
         "flower": lambda: bench_flower.run(args.flower_data or args.orl, out / "flower",
                                            quick=quick, flower_python=args.flower_python),
         "scaling": lambda: bench_scaling.run(args.lfw, args.orl, out / "scaling", quick=quick),
+        "aggregation": lambda: bench_aggregation.run(out / "aggregation", quick=quick),
         "ingest": lambda: bench_ingest.run(args.lfw, out / "ingest", quick=quick),
         "inference": lambda: bench_inference.run(args.lfw, out / "inference", quick=quick),
         "compile": lambda: bench_compile.run(out / "compile", quick=quick),

@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from edgeface import __version__, steps
-from edgeface.aggregation import NodeUpdate, validate_update
+from edgeface.aggregation import NodeUpdate, single_thread, validate_update
 from edgeface.config import RunConfig
 from edgeface.data.cache import dataset_fingerprint
 from edgeface.errors import DataError, EdgefaceError, QuorumError
@@ -130,7 +130,8 @@ def _update_problem(node: str, path: Path, num_samples: int,
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         return f"cannot read the update file {path}: {error}"
     update = NodeUpdate(node=node, state=state, num_samples=num_samples)
-    return validate_update(update, global_state)
+    with single_thread():
+        return validate_update(update, global_state)
 
 
 def _write_text_atomic(text: str, path: Path) -> None:
@@ -534,14 +535,15 @@ class LocalRunner:
         first_round, global_state = self._restore(strategy)
         result = None
         for round_index in range(first_round, config.train.rounds):
-            global_state = self._one_round(round_index, global_state, strategy, tracker,
-                                           parent, children)
-            last = round_index == config.train.rounds - 1
-            every = config.evaluation.eval_every
-            if last or (every and (round_index + 1) % every == 0):
-                result = self._evaluate_round(round_index, global_state, evaluation, tracker,
-                                              parent)
-            self._save_checkpoint(round_index, global_state, strategy)
+            with steps.timed("rounds", self.timings):
+                global_state = self._one_round(round_index, global_state, strategy, tracker,
+                                               parent, children)
+                last = round_index == config.train.rounds - 1
+                every = config.evaluation.eval_every
+                if last or (every and (round_index + 1) % every == 0):
+                    result = self._evaluate_round(round_index, global_state, evaluation,
+                                                  tracker, parent)
+                self._save_checkpoint(round_index, global_state, strategy)
         if result is None:  # resumed after the last round: evaluate the final checkpoint
             with steps.timed("evaluate", self.timings):
                 result, _ = steps.evaluate_step(global_state, evaluation, config)
@@ -594,6 +596,11 @@ class LocalRunner:
                 replies = self._dispatch(self._train_requests(round_index, global_path),
                                          timeout=config.federation.round_timeout,
                                          what=f"train round {round_index + 1}")
+            # Seconds the nodes spent inside train_local, summed over nodes: the training
+            # compute that the benchmarks subtract from `rounds` to get the round overhead.
+            self.timings["node_training"] = self.timings.get("node_training", 0.0) + sum(
+                float(reply["metrics"].get("seconds", 0.0))
+                for reply in replies.values() if reply.get("ok"))
             outcome = self._screen_replies(round_index, replies, global_state)
             self._log_node_results(tracker, children, round_index, replies, outcome)
             self._check_quorum(round_index, outcome, strategy)
