@@ -8,8 +8,8 @@ the peak memory of its process tree. `edgeface run` also exports, quantizes, reg
 reports the model, so its time up to the final evaluation is given too.
 
 The Flower side (`benchmarks/flower_app.py`) needs a Python with `flwr[simulation]`, for
-example a virtual environment made with `--system-site-packages` so that it sees edgeface's
-dependencies:
+example a virtual environment made with `--system-site-packages` so that it can import
+edgeface's dependencies:
 
     python3 -m venv --system-site-packages /tmp/flwr-venv
     /tmp/flwr-venv/bin/pip install "flwr[simulation]"
@@ -88,7 +88,7 @@ def compare(edgeface: dict[str, Any], flower: dict[str, Any]) -> dict[str, Any]:
     """Return the wall-time ratios and whether the accuracies agree within their fold spread.
 
     The accuracies agree when they differ by at most the larger of the two fold-to-fold
-    standard deviations; otherwise the two runs did not do the same work and the time
+    standard deviations. Otherwise the two runs did not do the same work, and the time
     comparison is void.
     """
     ours, theirs = edgeface["metrics"], flower["metrics"]

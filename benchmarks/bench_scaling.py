@@ -96,8 +96,9 @@ def run(lfw: Path, orl: Path, out: Path, *, quick: bool) -> dict[str, Any]:
         point = run_point(folder, out, f"images-{size}", {**common, "nodes": 4})
         by_size.append({**point, "dataset_images": images})
 
-    # The default job (LFW View 1, 4 nodes, every default) for its peak memory; quick runs
-    # stop after one round, which already has every worker trained and the export after it.
+    # The default job (LFW View 1, 4 nodes, every default) for its peak memory. Quick runs
+    # stop after one round, because by then every worker has trained once, and the export
+    # still follows.
     default_rounds = 1 if quick else 14
     default_run = run_point(lfw, out, "default-4-nodes",
                             {"rounds": default_rounds, "cache-dir": cache, "nodes": 4})

@@ -1,9 +1,9 @@
 """Shared helpers of the speed benchmarks: machine description, timing, process-tree memory.
 
 Memory is read from Linux `/proc`: VmRSS from `/proc/PID/status` and Pss from
-`/proc/PID/smaps_rollup`. The RSS of several processes double-counts the pages they share (the
-torch libraries, about 230 MB per process with torch 2.14), while the PSS sum splits each
-shared page between the processes that map it, so it is the memory the processes really use.
+`/proc/PID/smaps_rollup`. The RSS of several processes double-counts the pages they share, such as
+the torch libraries (about 230 MB per process with torch 2.14). The PSS sum splits each shared
+page between the processes that map it, so it is the memory the processes really use.
 """
 
 from __future__ import annotations

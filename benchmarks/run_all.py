@@ -7,7 +7,8 @@
 Writes training.json, flower.json, scaling.json, aggregation.json, ingest.json,
 inference.json, compile.json and all.json (every record, with the command line and the total time). `--quick` sizes each
 benchmark to a few minutes on 2 cores. Without `--flower-python` the Flower comparison is
-skipped and all.json says so. `--only NAME ...` runs a subset.
+skipped, and all.json records
+the reason. `--only NAME ...` runs a subset.
 """
 
 from __future__ import annotations
