@@ -21,15 +21,16 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 def training_section(record: dict[str, Any]) -> str:
     rows = []
     for threads, entry in record["by_threads"].items():
-        peak = entry["matmul_peak_gflops"]
+        peak = entry["peak_gflops"]
         for name, variant in entry["variants"].items():
             dtype = "bf16" if name == "optimised" else "fp32"
             rows.append([threads, name, variant["images_per_second"],
-                         variant["speedup_vs_baseline"], variant["achieved_gflops"],
-                         f"{peak[dtype]} ({dtype})",
-                         f"{100 * variant['mfu_vs_same_dtype_peak']:.0f}%"])
-    text = table(["threads", "variant", "images/s", "x baseline", "model GFLOP/s",
-                  "matmul peak GFLOP/s", "MFU"], rows)
+                         variant["median_images_per_second"], variant["speedup_vs_baseline"],
+                         variant["achieved_gflops"],
+                         f"{peak['matmul'][dtype]} / {peak['conv1x1'][dtype]} ({dtype})",
+                         f"{100 * variant['mfu']:.0f}%"])
+    text = table(["threads", "variant", "best images/s", "median images/s", "x baseline",
+                  "model GFLOP/s", "peak GFLOP/s matmul / 1x1 conv", "MFU"], rows)
     text += f"\n\nTraining FLOPs per image: {record['training_gflops_per_image']} GFLOP."
     accuracy = record.get("accuracy")
     if accuracy:
