@@ -90,7 +90,10 @@ class TrainConfig(Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     augment: bool = Field(True, description="random flip, shift and brightness on training crops")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 uses CPU autocast")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="bf16 uses CPU autocast; auto picks bf16 when the CPU has native "
+        "bf16 instructions (AVX512_BF16 or AMX-BF16), else fp32"
+    )
     channels_last: bool = True
     threads_per_worker: int = Field(0, ge=0, description="torch threads per node process; 0 = auto")
     max_parallel: int = Field(0, ge=0, description="nodes training at once; 0 = one per core")

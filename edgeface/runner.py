@@ -536,14 +536,15 @@ class LocalRunner:
         first_round, global_state = self._restore(strategy)
         result = None
         for round_index in range(first_round, config.train.rounds):
-            global_state = self._one_round(round_index, global_state, strategy, tracker,
-                                           parent, children)
-            last = round_index == config.train.rounds - 1
-            every = config.evaluation.eval_every
-            if last or (every and (round_index + 1) % every == 0):
-                result = self._evaluate_round(round_index, global_state, evaluation, tracker,
-                                              parent)
-            self._save_checkpoint(round_index, global_state, strategy)
+            with steps.timed("rounds", self.timings):
+                global_state = self._one_round(round_index, global_state, strategy, tracker,
+                                               parent, children)
+                last = round_index == config.train.rounds - 1
+                every = config.evaluation.eval_every
+                if last or (every and (round_index + 1) % every == 0):
+                    result = self._evaluate_round(round_index, global_state, evaluation,
+                                                  tracker, parent)
+                self._save_checkpoint(round_index, global_state, strategy)
         if result is None:  # resumed after the last round: evaluate the final checkpoint
             with steps.timed("evaluate", self.timings):
                 result, _ = steps.evaluate_step(global_state, evaluation, config)
@@ -596,6 +597,11 @@ class LocalRunner:
                 replies = self._dispatch(self._train_requests(round_index, global_path),
                                          timeout=config.federation.round_timeout,
                                          what=f"train round {round_index + 1}")
+            # Seconds the nodes spent inside train_local, summed over nodes: the training
+            # compute that the benchmarks subtract from `rounds` to get the round overhead.
+            self.timings["node_training"] = self.timings.get("node_training", 0.0) + sum(
+                float(reply["metrics"].get("seconds", 0.0))
+                for reply in replies.values() if reply.get("ok"))
             outcome = self._screen_replies(round_index, replies, global_state)
             self._log_node_results(tracker, children, round_index, replies, outcome)
             self._check_quorum(round_index, outcome, strategy)

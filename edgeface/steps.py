@@ -21,7 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeface.aggregation import NodeUpdate, Strategy, build_strategy, validate_update
+from edgeface.aggregation import (
+    NodeUpdate,
+    Strategy,
+    build_strategy,
+    single_thread,
+    validate_update,
+)
 from edgeface.config import RunConfig
 from edgeface.data.cache import PreprocessSpec, build_cache, load_cache
 from edgeface.data.ingest import ImageRecord, check_bad_fraction, list_images, resolve_images_root
@@ -269,8 +275,9 @@ def update_problem(node: str, path: Path, num_samples: int,
         state = torch.load(path, weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         return f"cannot read the update file {path}: {error}"
-    return validate_update(NodeUpdate(node=node, state=state, num_samples=num_samples),
-                           global_state)
+    with single_thread():
+        return validate_update(NodeUpdate(node=node, state=state, num_samples=num_samples),
+                               global_state)
 
 
 def quorum_error(round_index: int, rounds: int, usable: int, total: int,

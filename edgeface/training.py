@@ -33,6 +33,34 @@ class LocalResult:
     images_per_second: float
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Return whether the CPU flags list AVX512_BF16 or AMX-BF16 (Linux `/proc/cpuinfo`).
+
+    Without either, oneDNN emulates bf16 matrix products with fp32 instructions, so bf16
+    autocast seldom pays off. Returns False where /proc/cpuinfo cannot be read.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as file:
+                cpuinfo = file.read()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def resolve_precision(precision: str) -> str:
+    """Return "fp32" or "bf16" for the `precision` setting, resolving "auto" for this CPU."""
+    if precision == "auto":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"invalid precision {precision!r}: use fp32, bf16 or auto")
+    return precision
+
+
 def build_face_model(spec: ModelSpec, model_config: ModelConfig, num_classes: int) -> FaceModel:
     head = MarginHead(spec.embedding_dim, num_classes, model_config.loss,
                       model_config.scale, model_config.margin)
@@ -106,6 +134,7 @@ def train_local(
     batch_size = min(config.batch_size, count)
     anchor = [p.detach().clone() for p in model.backbone.parameters()] if fedprox_mu else None
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    use_bf16 = resolve_precision(config.precision) == "bf16"
     model.to(memory_format=memory_format).train()
     optimizer = make_optimizer(model, config, lr)
     total_loss, correct, seen = 0.0, 0, 0
@@ -121,7 +150,7 @@ def train_local(
             batch = augment(batch, generator)
         batch = batch.contiguous(memory_format=memory_format)
         target = labels[index]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             embeddings = model.backbone(batch)
         logits = model.head(embeddings.float(), target)
         loss = F.cross_entropy(logits, target)

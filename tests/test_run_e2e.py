@@ -44,8 +44,11 @@ def test_run_writes_summary(finished_run) -> None:
     assert Path(summary["onnx"]["path"]).is_file()
     assert summary["mlflow"]["model_version"] == 1
     for stage in ("plan", "partition", "validate_and_cache", "train", "aggregate", "evaluate",
-                  "export", "register", "total"):
+                  "export", "register", "total", "rounds", "node_training"):
         assert stage in summary["timings"], stage
+    timings = summary["timings"]
+    # The nodes' training time is part of the rounds, which are part of the whole run.
+    assert 0.0 < timings["node_training"] / 2 <= timings["rounds"] <= timings["total"]
     assert "summary:" in result.stdout
     assert "MLflow:" in result.stdout
 
