@@ -1,9 +1,11 @@
-"""`edgeface run` command line: the help and choices of its config flags."""
+"""`edgeface run` command line: the help of its config flags and its dataset errors."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import re
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +66,45 @@ def test_enum_flags_list_choices(flag: str, choices: list[str],
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     assert f"--{flag} {listed}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("source", ["--data", "EDGEFACE_DATA"])
+def test_missing_dataset_one_message(source: str, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    missing = tmp_path / "nosuchdata"
+    monkeypatch.setenv("EDGEFACE_DATA", str(missing))
+    argv = ["run", "--out", str(tmp_path / "run")]
+    if source == "--data":
+        argv += ["--data", str(missing)]
+
+    with caplog.at_level(logging.ERROR):
+        code = main(argv)
+
+    assert code == 2
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    message = record.getMessage()
+    assert message.startswith(f"dataset folder {missing} (from {source}) not found: ")
+    assert "pass --data with a folder of <identity>/<image> subfolders" in message
+    assert "no dataset given" not in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_dataset_file_not_folder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    archive = tmp_path / "lfw.tgz"
+    archive.write_bytes(b"not a folder")
+
+    code = main(["run", "--data", str(archive), "--out", str(tmp_path / "run")])
+
+    assert code == 2
+    assert f"dataset folder {archive} (from --data) is not a folder" in caplog.text
+
+
+def test_no_dataset_explains_fetch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.delenv("EDGEFACE_DATA", raising=False)
+
+    code = main(["run", "--out", str(tmp_path / "run")])
+
+    assert code == 2
+    assert "no dataset given: pass --data DATASET_DIR or set EDGEFACE_DATA" in caplog.text

@@ -120,16 +120,11 @@ def run_command(args: argparse.Namespace) -> int:
             raise ConfigError("--resume takes no --config or config flags: the run keeps its config")
         config = load_config(config_path)
         state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").exists() else {}
-        data_dir = args.data or state.get("data_dir") or os.environ.get("EDGEFACE_DATA")
+        data_dir = _dataset_folder(args.data, state.get("data_dir"))
     else:
         config = load_config(args.config, collect_overrides(args))
-        data_dir = args.data or os.environ.get("EDGEFACE_DATA")
+        data_dir = _dataset_folder(args.data, None)
         run_dir = args.out or _default_run_dir()
-    if not data_dir:
-        raise DataError(NO_DATA_MESSAGE)
-    data_dir = Path(data_dir)
-    if not data_dir.exists():
-        raise DataError(f"dataset folder not found: {data_dir}. {NO_DATA_MESSAGE}")
 
     runner = LocalRunner(config, data_dir, run_dir, resume=bool(args.resume),
                          progress=not args.no_progress and sys.stderr.isatty())
@@ -145,6 +140,31 @@ def run_command(args: argparse.Namespace) -> int:
           f"model {summary['mlflow']['model_name']} version {summary['mlflow']['model_version']} "
           f"@{summary['mlflow']['alias']})")
     return 0
+
+
+def _dataset_folder(flag: Path | None, resumed: str | None) -> Path:
+    """Return the dataset folder from --data, else the resumed run's, else $EDGEFACE_DATA.
+
+    Raises:
+        DataError: no folder is given, or the path is not a folder. The message names where
+            the path came from.
+    """
+    if flag is not None:
+        path, source = flag, "--data"
+    elif resumed:
+        path, source = Path(resumed), "the resumed run's state.json"
+    elif os.environ.get("EDGEFACE_DATA"):
+        path, source = Path(os.environ["EDGEFACE_DATA"]), "EDGEFACE_DATA"
+    else:
+        raise DataError(NO_DATA_MESSAGE)
+    if not path.is_dir():
+        problem = "is not a folder" if path.exists() else "not found"
+        raise DataError(
+            f"dataset folder {path} (from {source}) {problem}: pass --data with a folder of "
+            "<identity>/<image> subfolders or an LFW folder, or get LFW with `edgeface data "
+            "fetch lfw --dest data/lfw`"
+        )
+    return path
 
 
 def _default_run_dir() -> Path:
