@@ -572,6 +572,7 @@ def _decide(
     registry: ModelRegistry, model_name: str, source: str, alias: str, max_regression: float,
     skip_accuracy_gate: bool, *, dry_run: bool,
 ) -> PromotionDecision:
+    _check_alias_case(registry.get_aliases(model_name), model_name, alias)
     candidate = registry.get_version(model_name, source)
     previous = registry.get_alias_target(model_name, alias)
     champion = registry.get_version(model_name, previous) if previous is not None else None
@@ -588,6 +589,23 @@ def _decide(
         candidate_accuracy=candidate_accuracy, champion_accuracy=champion_accuracy,
         max_regression=float(max_regression), dry_run=dry_run, decided_at=_now(),
     )
+
+
+def _check_alias_case(aliases: Mapping[str, int], model_name: str, alias: str) -> None:
+    """Raise RegistryError when `alias` differs only in letter case from an existing alias.
+
+    MLflow aliases are case-sensitive, so promoting to `Champion` would create a second alias
+    beside `champion` instead of moving it.
+    """
+    if alias in aliases:
+        return
+    for existing in sorted(aliases):
+        if existing != alias and existing.lower() == alias.lower():
+            raise RegistryError(
+                f"alias {alias!r} differs only in case from the existing alias {existing!r} of "
+                f"{model_name!r} (version {aliases[existing]}): aliases are case-sensitive, so "
+                f"this would create a second alias. Use --to {existing} to move it"
+            )
 
 
 def _record_decision(registry: ModelRegistry, decision: PromotionDecision) -> None:

@@ -393,7 +393,8 @@ def test_missing_targets_rejected(
 ) -> None:
     registry = tracker.registry
     version = register(model_name, 0.70)
-    with pytest.raises(RegistryError, match="has no alias 'staging'"):
+    with pytest.raises(RegistryError, match="'staging' is neither a version number nor an "
+                                            "existing alias"):
         promote(registry, model_name, source="staging")
     with pytest.raises(RegistryError, match=f"has no version {version + 40}"):
         promote(registry, model_name, source=version + 40)
@@ -404,6 +405,41 @@ def test_missing_targets_rejected(
     code, _ = cli(capsys, "promote", model_name, "--from", "v1",
                   "--tracking-uri", mlflow_server.url)
     assert code == 2
+
+
+def test_promote_rejects_alias_case_variant(
+    tracker: Tracker, register: Callable[..., int], model_name: str,
+    mlflow_server: MlflowServer, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = tracker.registry
+    champion = register(model_name, 0.70)
+    promote(registry, model_name)
+    register(model_name, 0.80)
+
+    with pytest.raises(RegistryError, match=f"alias 'Champion' differs only in case from the "
+                                            f"existing alias 'champion' of '{model_name}' "
+                                            f"\\(version {champion}\\)"):
+        promote(registry, model_name, alias="Champion")
+    code, _ = cli(capsys, "promote", model_name, "--to", "CHAMPION", "--dry-run",
+                  "--tracking-uri", mlflow_server.url)
+    assert code == 2
+    assert "Use --to champion to move it" in caplog.text
+    assert registry.get_aliases(model_name) == {"champion": champion, "challenger": champion + 1}
+
+
+def test_models_show_unknown_key_lists_aliases(
+    register: Callable[..., int], model_name: str, mlflow_server: MlflowServer,
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    version = register(model_name, 0.70)
+
+    code, _ = cli(capsys, "models", "show", f"{model_name}/abc",
+                  "--tracking-uri", mlflow_server.url)
+
+    assert code == 2
+    assert (f"'abc' is neither a version number nor an existing alias of registered model "
+            f"'{model_name}' (aliases: challenger -> {version})") in caplog.text
 
 
 def test_invalid_max_regression(tracker: Tracker, model_name: str) -> None:
