@@ -7,7 +7,10 @@ another alias (`champion` by default) to that version only when it passes three 
   and the verification accuracy is present;
 - ONNX parity: the version tag `edgeface.onnx_parity_ok` is true;
 - accuracy: the verification accuracy is at least the current champion's minus
-  `max_regression` (in accuracy units, 0.01 = one percentage point).
+  `max_regression` (in accuracy units, 0.01 = one percentage point). Accuracies measured with
+  another evaluation protocol (`edgeface.protocol`) or on other data
+  (`edgeface.dataset_fingerprint`) are not comparable, so such a pair fails this gate unless
+  the caller skips it (`skip_accuracy_gate`).
 
 Every decision is written to the candidate's version tags (`edgeface.promotion.*`). Each
 promoted alias keeps a stack of the versions it pointed to in the registered-model tag
@@ -51,6 +54,10 @@ ACCURACY_TAG = "edgeface.metric.verification_accuracy_mean"
 METRIC_TAG_PREFIX = "edgeface.metric."
 THRESHOLD_TAG = "edgeface.threshold"
 PARITY_TAG = "edgeface.onnx_parity_ok"
+# Tags that must be equal for two versions' accuracies to be comparable, with their names in
+# messages.
+EVALUATION_TAGS = {"edgeface.protocol": "protocol",
+                   "edgeface.dataset_fingerprint": "dataset fingerprint"}
 PROMOTION_TAG_PREFIX = "edgeface.promotion."
 ROLLBACK_TAG_PREFIX = "edgeface.rollback."
 ALIAS_STACK_TAG = "edgeface.alias_stack.{alias}"
@@ -401,17 +408,58 @@ def _parity_gate(tags: Mapping[str, str]) -> GateResult:
     return GateResult("onnx_parity", True, "ONNX parity passed")
 
 
+def _evaluation_mismatch(candidate: ModelVersionInfo, champion: ModelVersionInfo) -> str | None:
+    """Return why the two versions' accuracies are not comparable, or None when they are.
+
+    A version without the protocol or fingerprint tags (registered by an older edgeface) is
+    compared as before, with a logged warning, because nothing shows that it differs.
+    """
+    differences, missing = [], []
+    for tag, label in EVALUATION_TAGS.items():
+        ours, theirs = candidate.tags.get(tag), champion.tags.get(tag)
+        if ours is None or theirs is None:
+            missing.append(tag)
+        elif ours != theirs:
+            differences.append(f"{label} {ours!r} versus {theirs!r}")
+    if missing:
+        logger.warning(
+            "cannot check that versions %d and %d of %s were evaluated on the same data: %s "
+            "missing on one of them, so their accuracies are compared as they are",
+            candidate.version, champion.version, candidate.name, ", ".join(missing))
+    if not differences:
+        return None
+    return (f"version {candidate.version} and current version {champion.version} were "
+            f"evaluated differently ({'; '.join(differences)}), so their accuracies are not "
+            "comparable: evaluate both on the same dataset and protocol, or skip this gate "
+            "with --skip-accuracy-gate")
+
+
 def _accuracy_gate(
-    candidate: float | None, champion: ModelVersionInfo | None, max_regression: float
+    candidate: ModelVersionInfo, champion: ModelVersionInfo | None, max_regression: float,
+    skip: bool = False,
 ) -> tuple[GateResult, float | None]:
     """Compare accuracies and return the gate with the champion's accuracy."""
     if champion is None:
         return GateResult("accuracy", True, "no current version to compare with"), None
     champion_accuracy = _parse_float(champion.tags.get(ACCURACY_TAG))
+    if skip:
+        detail = f"skipped (--skip-accuracy-gate), not compared with version {champion.version}"
+        return GateResult("accuracy", True, detail), champion_accuracy
     if champion_accuracy is None or not math.isfinite(champion_accuracy):
         detail = (f"current version {champion.version} has no finite accuracy "
                   f"({ACCURACY_TAG}={champion.tags.get(ACCURACY_TAG)}): nothing to compare")
         return GateResult("accuracy", True, detail), None
+    mismatch = _evaluation_mismatch(candidate, champion)
+    if mismatch is not None:
+        return GateResult("accuracy", False, mismatch), champion_accuracy
+    return _compare_accuracy(_parse_float(candidate.tags.get(ACCURACY_TAG)), champion,
+                             champion_accuracy, max_regression)
+
+
+def _compare_accuracy(
+    candidate: float | None, champion: ModelVersionInfo, champion_accuracy: float,
+    max_regression: float,
+) -> tuple[GateResult, float | None]:
     if candidate is None or not math.isfinite(candidate):
         failed = GateResult("accuracy", False, f"candidate accuracy is {candidate}")
         return failed, champion_accuracy
@@ -429,11 +477,16 @@ def _accuracy_gate(
 
 
 def evaluate_gates(
-    candidate: ModelVersionInfo, champion: ModelVersionInfo | None, max_regression: float
+    candidate: ModelVersionInfo, champion: ModelVersionInfo | None, max_regression: float,
+    skip_accuracy_gate: bool = False,
 ) -> tuple[tuple[GateResult, ...], float | None, float | None]:
-    """Run the three gates and return them with the candidate's and the champion's accuracy."""
+    """Run the three gates and return them with the candidate's and the champion's accuracy.
+
+    With `skip_accuracy_gate` the accuracy gate passes without comparing anything.
+    """
     candidate_accuracy = _parse_float(candidate.tags.get(ACCURACY_TAG))
-    accuracy, champion_accuracy = _accuracy_gate(candidate_accuracy, champion, max_regression)
+    accuracy, champion_accuracy = _accuracy_gate(candidate, champion, max_regression,
+                                                 skip_accuracy_gate)
     gates = (_finite_gate(candidate.tags), _parity_gate(candidate.tags), accuracy)
     return gates, candidate_accuracy, champion_accuracy
 
@@ -476,12 +529,14 @@ def promote(
     source: str | int = tracking.DEFAULT_ALIAS,
     alias: str = DEFAULT_TARGET_ALIAS,
     max_regression: float = 0.0,
+    skip_accuracy_gate: bool = False,
     dry_run: bool = False,
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> PromotionDecision:
     """Point `alias` at the version that `source` (an alias or a version number) names.
 
-    The alias moves only when every gate passes (see the module docstring). When the alias
+    The alias moves only when every gate passes (see the module docstring), and with
+    `skip_accuracy_gate` the accuracy gate always passes. When the alias
     already points to the candidate, nothing changes (outcome `unchanged`). Otherwise the
     decision and the compared numbers are written to the candidate's `edgeface.promotion.*`
     version tags, and a promotion pushes the version onto the alias's stack. A dry run takes
@@ -497,9 +552,11 @@ def promote(
     source_text = _check_source(source)
     _check_max_regression(max_regression)
     if dry_run:
-        return _decide(registry, model_name, source_text, alias, max_regression, dry_run=True)
+        return _decide(registry, model_name, source_text, alias, max_regression,
+                       skip_accuracy_gate, dry_run=True)
     with registry_lock(registry, model_name, timeout_s=lock_timeout_s):
-        decision = _decide(registry, model_name, source_text, alias, max_regression, dry_run=False)
+        decision = _decide(registry, model_name, source_text, alias, max_regression,
+                           skip_accuracy_gate, dry_run=False)
         if decision.outcome == "unchanged":
             return decision
         # The alias moves first, so a move that fails its read-back records nothing.
@@ -513,13 +570,14 @@ def promote(
 
 def _decide(
     registry: ModelRegistry, model_name: str, source: str, alias: str, max_regression: float,
-    *, dry_run: bool,
+    skip_accuracy_gate: bool, *, dry_run: bool,
 ) -> PromotionDecision:
+    _check_alias_case(registry.get_aliases(model_name), model_name, alias)
     candidate = registry.get_version(model_name, source)
     previous = registry.get_alias_target(model_name, alias)
     champion = registry.get_version(model_name, previous) if previous is not None else None
     gates, candidate_accuracy, champion_accuracy = evaluate_gates(
-        candidate, champion, max_regression
+        candidate, champion, max_regression, skip_accuracy_gate
     )
     if previous == candidate.version:
         outcome = "unchanged"
@@ -531,6 +589,23 @@ def _decide(
         candidate_accuracy=candidate_accuracy, champion_accuracy=champion_accuracy,
         max_regression=float(max_regression), dry_run=dry_run, decided_at=_now(),
     )
+
+
+def _check_alias_case(aliases: Mapping[str, int], model_name: str, alias: str) -> None:
+    """Raise RegistryError when `alias` differs only in letter case from an existing alias.
+
+    MLflow aliases are case-sensitive, so promoting to `Champion` would create a second alias
+    beside `champion` instead of moving it.
+    """
+    if alias in aliases:
+        return
+    for existing in sorted(aliases):
+        if existing != alias and existing.lower() == alias.lower():
+            raise RegistryError(
+                f"alias {alias!r} differs only in case from the existing alias {existing!r} of "
+                f"{model_name!r} (version {aliases[existing]}): aliases are case-sensitive, so "
+                f"this would create a second alias. Use --to {existing} to move it"
+            )
 
 
 def _record_decision(registry: ModelRegistry, decision: PromotionDecision) -> None:

@@ -716,10 +716,21 @@ class ModelRegistry:
         else:
             known = ", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
             raise RegistryError(
-                f"registered model {name!r} has no alias {key!r} (aliases: {known}). Aliases "
-                "are case-sensitive; give a version number or an existing alias"
+                f"{key!r} is neither a version number nor an existing alias of registered "
+                f"model {name!r} (aliases: {known}). Aliases are case-sensitive, so give a "
+                "version number or one of those aliases"
             )
         return self._version(name, number, aliases)
+
+    @_tracked("read model aliases")
+    def get_aliases(self, name: str) -> dict[str, int]:
+        """Return alias -> version number of registered model `name`.
+
+        Raises:
+            RegistryError: the registered model is not found.
+        """
+        _check_model_name(name)
+        return self._aliases(name)
 
     def _version(self, name: str, number: int, aliases: Mapping[str, int]) -> ModelVersionInfo:
         from mlflow.exceptions import MlflowException

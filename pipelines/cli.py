@@ -50,9 +50,11 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
 
 def _add_pipeline_source(parser: argparse.ArgumentParser, *, package: bool) -> None:
     group = parser.add_argument_group("pipeline")
-    group.add_argument("--fleet", type=Path, help="fleet file the pipeline is generated for")
+    # A compiled package already fixes the fleet, so the two sources exclude each other.
+    source = group.add_mutually_exclusive_group() if package else group
+    source.add_argument("--fleet", type=Path, help="fleet file the pipeline is generated for")
     group.add_argument("--rounds", type=int, help="federated rounds (default: the config's)")
-    group.add_argument("--mode", choices=["simulation", "pre-placed"], default="simulation",
+    group.add_argument("--mode", choices=["simulation", "pre-placed"], default=None,
                        help="data mode: one partitioned dataset, or images already on each node "
                             "(default simulation)")
     group.add_argument("--config", type=Path, help="run config YAML; its values become the "
@@ -60,8 +62,9 @@ def _add_pipeline_source(parser: argparse.ArgumentParser, *, package: bool) -> N
     group.add_argument("--task-timeout", type=int, default=None, metavar="SECONDS",
                        help="hard limit on each edge task's pod, in seconds (default 14400)")
     if package:
-        group.add_argument("--package", type=Path,
-                           help="a compiled pipeline YAML to use instead of --fleet")
+        source.add_argument("--package", type=Path,
+                            help="a compiled pipeline YAML to use instead of --fleet; with "
+                                 "--wait, pass --context too")
 
 
 def _add_connection(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +85,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", default="edgeface", help="KFP experiment (created if "
                                                                  "missing; default edgeface)")
     parser.add_argument("--pipeline-name", help="KFP pipeline to upload a version of (default "
-                                                "edgeface-<fleet>-<mode>)")
+                                                "edgeface-<fleet>-<mode>, or edgeface-federated "
+                                                "with --package)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="pipeline parameter, e.g. dataset_dir=/data/dataset/lfw; repeatable")
     parser.add_argument("--format", choices=["text", "json"], default="text",
@@ -155,7 +159,8 @@ def _options(args: argparse.Namespace):
         raise ConfigError(f"invalid --rounds {args.rounds}: expected 1 or more")
     fleet = load_fleet(args.fleet)
     config = pipeline_config(fleet, args.config, args.rounds)
-    return make_options(fleet, config, args.mode, args.task_timeout or DEFAULT_TASK_TIMEOUT_S)
+    return make_options(fleet, config, args.mode or "simulation",
+                        args.task_timeout or DEFAULT_TASK_TIMEOUT_S)
 
 
 def run_compile(args: argparse.Namespace) -> int:
@@ -202,8 +207,13 @@ def package_parameters(package: Path) -> set[str]:
 def _prepare_package(args: argparse.Namespace, workdir: Path) -> tuple[Path, str, str | None]:
     """Return (package path, pipeline name, fleet cluster name or None) for submit/schedule."""
     if args.package is not None:
-        if args.fleet is not None:
-            raise ConfigError("pass either --package or --fleet, not both")
+        options = {"--rounds": args.rounds, "--mode": args.mode, "--config": args.config,
+                   "--task-timeout": args.task_timeout}
+        ignored = [flag for flag, value in options.items() if value is not None]
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)} cannot change a compiled --package: pass "
+                              "them to `edgeface pipeline compile`, or use --fleet instead of "
+                              "--package")
         if not args.package.is_file():
             raise ConfigError(f"pipeline package not found: {args.package}: compile one with "
                               "`edgeface pipeline compile` or pass --fleet")

@@ -7,6 +7,7 @@ every external command the CLI runs is recorded and none reaches a real tool.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -99,6 +100,19 @@ def fleet_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def ready_fleet(fleet_file: Path) -> Path:
+    """`fleet_file` with its node folders created, as `up` requires."""
+    for node in load_fleet(fleet_file).nodes:
+        node.host_data_path.mkdir(parents=True)
+    return fleet_file
+
+
+def with_dataset(fleet_file: Path, dataset: Path) -> None:
+    """Add `dataset-host-path: DATASET` to the fleet file."""
+    fleet_file.write_text(f"dataset-host-path: {dataset}\n" + fleet_file.read_text())
+
+
+@pytest.fixture
 def manifests(tmp_path: Path) -> Path:
     """A copy of k8s/ without secret env files, so `up` cannot write into the repository."""
     target = tmp_path / "k8s"
@@ -161,11 +175,11 @@ def up_args(fleet_file: Path, manifests: Path, tmp_path: Path, *extra: str) -> l
 # --------------------------------------------------------------------------- up
 
 
-def test_up_runs_exact_command_sequence(fakes: FakeTools, fleet_file: Path, manifests: Path,
+def test_up_runs_exact_command_sequence(fakes: FakeTools, ready_fleet: Path, manifests: Path,
                                         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     answer_up(fakes)
 
-    code = main(up_args(fleet_file, manifests, tmp_path))
+    code = main(up_args(ready_fleet, manifests, tmp_path))
 
     assert code == 0
     kubectl = ["kubectl", "--context", CONTEXT]
@@ -191,11 +205,11 @@ def test_up_runs_exact_command_sequence(fakes: FakeTools, fleet_file: Path, mani
     assert f"kubectl --context {CONTEXT} -n edgeface port-forward svc/mlflow 5000:5000" in output
 
 
-def test_up_creates_node_volumes(fakes: FakeTools, fleet_file: Path, manifests: Path,
+def test_up_creates_node_volumes(fakes: FakeTools, ready_fleet: Path, manifests: Path,
                                  tmp_path: Path) -> None:
     answer_up(fakes)
 
-    assert main(up_args(fleet_file, manifests, tmp_path)) == 0
+    assert main(up_args(ready_fleet, manifests, tmp_path)) == 0
 
     [applied] = fakes.stdin_of("apply", "-f", "-")
     objects = list(yaml.safe_load_all(applied))
@@ -203,14 +217,14 @@ def test_up_creates_node_volumes(fakes: FakeTools, fleet_file: Path, manifests: 
     assert claims == ["edgeface-data-edge-0", "edgeface-data-edge-1"]
 
 
-def test_up_writes_config_and_secrets(fakes: FakeTools, fleet_file: Path, manifests: Path,
+def test_up_writes_config_and_secrets(fakes: FakeTools, ready_fleet: Path, manifests: Path,
                                       tmp_path: Path) -> None:
     answer_up(fakes)
 
-    assert main(up_args(fleet_file, manifests, tmp_path)) == 0
+    assert main(up_args(ready_fleet, manifests, tmp_path)) == 0
 
     written = yaml.safe_load((tmp_path / "k3d.yaml").read_text())
-    assert written == render_k3d_config(load_fleet(fleet_file), host_cpus=8)
+    assert written == render_k3d_config(load_fleet(ready_fleet), host_cpus=8)
     postgres_env = manifests / "base" / "secrets" / "postgres.env"
     values = dict(line.split("=", 1) for line in postgres_env.read_text().splitlines())
     assert values["POSTGRES_USER"] == "mlflow"
@@ -218,26 +232,24 @@ def test_up_writes_config_and_secrets(fakes: FakeTools, fleet_file: Path, manife
     assert values["POSTGRES_PASSWORD"].isalnum()
     assert stat.S_IMODE(postgres_env.stat().st_mode) == 0o600
     assert (manifests / "base" / "secrets" / "mlflow.env").is_file()
-    for node in ("edge-0", "edge-1"):
-        assert (tmp_path / "data" / node).is_dir()
 
 
-def test_up_keeps_existing_password(fakes: FakeTools, fleet_file: Path, manifests: Path,
+def test_up_keeps_existing_password(fakes: FakeTools, ready_fleet: Path, manifests: Path,
                                     tmp_path: Path) -> None:
     answer_up(fakes)
     postgres_env = manifests / "base" / "secrets" / "postgres.env"
     postgres_env.write_text("POSTGRES_USER=mlflow\nPOSTGRES_PASSWORD=kept\n")
 
-    assert main(up_args(fleet_file, manifests, tmp_path)) == 0
+    assert main(up_args(ready_fleet, manifests, tmp_path)) == 0
 
     assert postgres_env.read_text() == "POSTGRES_USER=mlflow\nPOSTGRES_PASSWORD=kept\n"
 
 
-def test_up_skip_build_and_existing_cluster(fakes: FakeTools, fleet_file: Path,
+def test_up_skip_build_and_existing_cluster(fakes: FakeTools, ready_fleet: Path,
                                             manifests: Path, tmp_path: Path) -> None:
     answer_up(fakes, clusters=json.dumps([{"name": "fleet-test"}]))
 
-    assert main(up_args(fleet_file, manifests, tmp_path, "--skip-build")) == 0
+    assert main(up_args(ready_fleet, manifests, tmp_path, "--skip-build")) == 0
 
     commands = [call[:3] for call in fakes.calls()]
     assert ["k3d", "cluster", "create"] not in commands
@@ -246,12 +258,12 @@ def test_up_skip_build_and_existing_cluster(fakes: FakeTools, fleet_file: Path,
 
 
 def test_up_missing_tool_names_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                       fleet_file: Path, manifests: Path,
+                                       ready_fleet: Path, manifests: Path,
                                        caplog: pytest.LogCaptureFixture) -> None:
     fakes = make_fakes(tmp_path, monkeypatch, tools=("docker", "kubectl"), keep_path=False)
 
     with caplog.at_level(logging.ERROR):
-        code = main(up_args(fleet_file, manifests, tmp_path))
+        code = main(up_args(ready_fleet, manifests, tmp_path))
 
     assert code == 2
     assert "required command(s) not found on PATH: k3d" in caplog.text
@@ -259,14 +271,14 @@ def test_up_missing_tool_names_install(tmp_path: Path, monkeypatch: pytest.Monke
     assert fakes.calls() == []
 
 
-def test_up_failed_step_reports_command(fakes: FakeTools, fleet_file: Path, manifests: Path,
+def test_up_failed_step_reports_command(fakes: FakeTools, ready_fleet: Path, manifests: Path,
                                         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     answer_up(fakes)
     fakes.respond("k3d", ["cluster", "create"],
                   {"exit": 1, "stderr": "Failed to create cluster: port 6550 already in use\n"})
 
     with caplog.at_level(logging.ERROR):
-        code = main(up_args(fleet_file, manifests, tmp_path))
+        code = main(up_args(ready_fleet, manifests, tmp_path))
 
     assert code == 2
     assert f"`k3d cluster create --config {tmp_path / 'k3d.yaml'}` failed with exit code 1" in (
@@ -275,19 +287,19 @@ def test_up_failed_step_reports_command(fakes: FakeTools, fleet_file: Path, mani
     assert not any(call[0] == "kubectl" for call in fakes.calls())
 
 
-def test_up_missing_local_image(fakes: FakeTools, fleet_file: Path, manifests: Path,
+def test_up_missing_local_image(fakes: FakeTools, ready_fleet: Path, manifests: Path,
                                 tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     fakes.respond("docker", ["images"], {"stdout": "edgeface-mlflow:3.17.2\n"})
     answer_up(fakes, clusters=json.dumps([{"name": "fleet-test"}]))
 
     with caplog.at_level(logging.ERROR):
-        code = main(up_args(fleet_file, manifests, tmp_path, "--skip-build"))
+        code = main(up_args(ready_fleet, manifests, tmp_path, "--skip-build"))
 
     assert code == 2
     assert "image(s) edgeface:0.1.0 not in the local Docker engine" in caplog.text
 
 
-def test_up_waits_until_pods_ready(fakes: FakeTools, fleet_file: Path, manifests: Path,
+def test_up_waits_until_pods_ready(fakes: FakeTools, ready_fleet: Path, manifests: Path,
                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cluster_cli, "POLL_INTERVAL_S", 0.01)
     starting = healthy_pods()[:5] + [
@@ -296,13 +308,13 @@ def test_up_waits_until_pods_ready(fakes: FakeTools, fleet_file: Path, manifests
     fakes.respond("kubectl", ["get", "pods"], pod_list(starting), pod_list(healthy_pods()))
     answer_up(fakes)
 
-    assert main(up_args(fleet_file, manifests, tmp_path, "--timeout", "30")) == 0
+    assert main(up_args(ready_fleet, manifests, tmp_path, "--timeout", "30")) == 0
 
     polls = [call for call in fakes.calls() if call[3:5] == ["get", "pods"]]
     assert len(polls) == 2
 
 
-def test_up_retries_failed_pod_listing(fakes: FakeTools, fleet_file: Path, manifests: Path,
+def test_up_retries_failed_pod_listing(fakes: FakeTools, ready_fleet: Path, manifests: Path,
                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(cluster_cli, "POLL_INTERVAL_S", 0.01)
@@ -311,7 +323,7 @@ def test_up_retries_failed_pod_listing(fakes: FakeTools, fleet_file: Path, manif
     answer_up(fakes)
 
     with caplog.at_level(logging.WARNING):
-        assert main(up_args(fleet_file, manifests, tmp_path, "--timeout", "30")) == 0
+        assert main(up_args(ready_fleet, manifests, tmp_path, "--timeout", "30")) == 0
 
     assert "listing pods failed, retrying until the timeout" in caplog.text
     assert "was refused" in caplog.text
@@ -319,7 +331,7 @@ def test_up_retries_failed_pod_listing(fakes: FakeTools, fleet_file: Path, manif
     assert len(polls) == 2
 
 
-def test_up_readiness_timeout_lists_pods(fakes: FakeTools, fleet_file: Path, manifests: Path,
+def test_up_readiness_timeout_lists_pods(fakes: FakeTools, ready_fleet: Path, manifests: Path,
                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(cluster_cli, "POLL_INTERVAL_S", 0.05)
@@ -332,7 +344,7 @@ def test_up_readiness_timeout_lists_pods(fakes: FakeTools, fleet_file: Path, man
     with caplog.at_level(logging.ERROR):
         # Each fake kubectl call starts a Python process, which can take a second on a busy
         # machine, so the timeout leaves room for at least two polls.
-        code = main(up_args(fleet_file, manifests, tmp_path, "--timeout", "4"))
+        code = main(up_args(ready_fleet, manifests, tmp_path, "--timeout", "4"))
 
     assert code == 2
     assert time.monotonic() - started < 40
@@ -348,7 +360,7 @@ def test_up_readiness_timeout_lists_pods(fakes: FakeTools, fleet_file: Path, man
     assert len(polls) >= 2
 
 
-def test_up_reports_crash_and_pull_errors(fakes: FakeTools, fleet_file: Path, manifests: Path,
+def test_up_reports_crash_and_pull_errors(fakes: FakeTools, ready_fleet: Path, manifests: Path,
                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(cluster_cli, "POLL_INTERVAL_S", 0.05)
@@ -362,7 +374,7 @@ def test_up_reports_crash_and_pull_errors(fakes: FakeTools, fleet_file: Path, ma
     answer_up(fakes, pods=pods)
 
     with caplog.at_level(logging.ERROR):
-        code = main(up_args(fleet_file, manifests, tmp_path, "--timeout", "0.2"))
+        code = main(up_args(ready_fleet, manifests, tmp_path, "--timeout", "0.2"))
 
     assert code == 2
     text = caplog.text
@@ -374,22 +386,22 @@ def test_up_reports_crash_and_pull_errors(fakes: FakeTools, fleet_file: Path, ma
     assert "k3d image import IMAGE -c CLUSTER" in text
 
 
-def test_up_warns_about_unimported_kfp_images(fakes: FakeTools, fleet_file: Path,
+def test_up_warns_about_unimported_kfp_images(fakes: FakeTools, ready_fleet: Path,
                                               manifests: Path, tmp_path: Path,
                                               caplog: pytest.LogCaptureFixture) -> None:
     answer_up(fakes)
 
     with caplog.at_level(logging.WARNING):
-        assert main(up_args(fleet_file, manifests, tmp_path)) == 0
+        assert main(up_args(ready_fleet, manifests, tmp_path)) == 0
 
     assert "KFP image(s) are not in the local Docker engine" in caplog.text
     assert "ghcr.io/kubeflow/kfp-launcher:2.17.1" in caplog.text
 
 
-def test_up_rejects_wrong_manifest_folder(fakes: FakeTools, fleet_file: Path, tmp_path: Path,
+def test_up_rejects_wrong_manifest_folder(fakes: FakeTools, ready_fleet: Path, tmp_path: Path,
                                           caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR):
-        code = main(up_args(fleet_file, tmp_path / "nowhere", tmp_path))
+        code = main(up_args(ready_fleet, tmp_path / "nowhere", tmp_path))
 
     assert code == 2
     assert "lacks kfp/cluster-scoped" in caplog.text
@@ -397,7 +409,73 @@ def test_up_rejects_wrong_manifest_folder(fakes: FakeTools, fleet_file: Path, tm
     assert fakes.calls() == []
 
 
+def test_up_rejects_missing_node_folder(fakes: FakeTools, fleet_file: Path, manifests: Path,
+                                        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "data" / "edge-0").mkdir(parents=True)
+    missing = tmp_path / "data" / "edge-1"
+
+    with caplog.at_level(logging.ERROR):
+        code = main(up_args(fleet_file, manifests, tmp_path))
+
+    assert code == 2
+    assert "1 data folder(s) not ready, so no cluster was created" in caplog.text
+    assert f"host-data-path {missing} of node edge-1 does not exist" in caplog.text
+    assert f"edgeface cluster load-data --fleet {fleet_file} --data DATASET_DIR" in caplog.text
+    assert "edge-0 does not exist" not in caplog.text
+    assert not missing.exists()
+    assert fakes.calls() == []
+    assert not (tmp_path / "k3d.yaml").exists()
+
+
+@pytest.mark.parametrize("state", ["missing", "empty", "file"])
+def test_up_rejects_unusable_dataset_folder(fakes: FakeTools, ready_fleet: Path,
+                                            manifests: Path, tmp_path: Path, state: str,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    dataset = tmp_path / "dataset"
+    if state == "empty":
+        dataset.mkdir()
+    elif state == "file":
+        dataset.write_text("not a folder")
+    with_dataset(ready_fleet, dataset)
+
+    with caplog.at_level(logging.ERROR):
+        code = main(up_args(ready_fleet, manifests, tmp_path))
+
+    assert code == 2
+    reason = {"missing": "does not exist", "empty": "is empty", "file": "is not a folder"}
+    assert f"dataset-host-path {dataset} {reason[state]}" in caplog.text
+    assert f"cp -r /path/to/lfw {dataset}/lfw" in caplog.text
+    assert fakes.calls() == []
+
+
+def test_up_accepts_filled_dataset_folder(fakes: FakeTools, ready_fleet: Path, manifests: Path,
+                                          tmp_path: Path) -> None:
+    dataset = tmp_path / "dataset"
+    (dataset / "lfw").mkdir(parents=True)
+    with_dataset(ready_fleet, dataset)
+    answer_up(fakes)
+
+    assert main(up_args(ready_fleet, manifests, tmp_path)) == 0
+
+    [applied] = fakes.stdin_of("apply", "-f", "-")
+    claims = [o["metadata"]["name"] for o in yaml.safe_load_all(applied)
+              if o["kind"] == "PersistentVolumeClaim"]
+    assert "edgeface-dataset" in claims
+
+
 # --------------------------------------------------------------------------- other actions
+
+
+def test_help_summary_lists_every_action() -> None:
+    parser = argparse.ArgumentParser()
+    cluster_cli.add_parser(parser.add_subparsers())
+    [cluster] = parser._subparsers._group_actions[0].choices.values()
+    [actions] = [action for action in cluster._actions
+                 if isinstance(action, argparse._SubParsersAction)]
+
+    assert set(actions.choices) == {"config", "up", "volumes", "status", "down", "load-data"}
+    for name in actions.choices:
+        assert f"edgeface cluster {name} --fleet F" in cluster.description, name
 
 
 def test_config_prints_k3d_yaml(fleet_file: Path, capsys: pytest.CaptureFixture) -> None:
@@ -452,6 +530,20 @@ def test_status_lists_nodes_and_pods(fakes: FakeTools, fleet_file: Path,
         "taints": ["edgeface.io/edge=true:NoSchedule"], "cpu": "1", "memory": "1048576Ki",
     }]
     assert fakes.calls()[0] == ["kubectl", "--context", CONTEXT, "get", "nodes", "-o", "json"]
+
+
+def test_status_names_missing_cluster(fakes: FakeTools, fleet_file: Path,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    fakes.respond("kubectl", ["get", "nodes"], {
+        "exit": 1, "stderr": f"error: context was not found for specified context: {CONTEXT}\n"})
+
+    with caplog.at_level(logging.ERROR):
+        code = main(["cluster", "status", "--fleet", str(fleet_file)])
+
+    assert code == 2
+    assert (f"cluster fleet-test not found (kubectl has no context {CONTEXT}): create it with "
+            f"`edgeface cluster up --fleet {fleet_file}`") in caplog.text
+    assert "error: context was not found" not in caplog.text
 
 
 def test_status_exit_code_when_not_ready(fakes: FakeTools, fleet_file: Path,

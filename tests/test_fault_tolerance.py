@@ -274,7 +274,7 @@ def test_dataset_without_images_rejected(empty_workdir: Path) -> None:
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--data", "{tmp}/missing"], "dataset folder not found"),
+    (["--data", "{tmp}/missing"], "missing (from --data) not found"),
     (["--data", "{orl}", "--config", "{tmp}/missing.yaml"], "config file not found"),
     (["--data", "{orl}", "--resume", "{tmp}/missing-run"], "no config.yaml there"),
 ])

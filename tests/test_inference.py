@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -311,3 +312,28 @@ def test_input_errors(tiny_model: TinyModel, tmp_path: Path, capsys: pytest.Capt
                  "--model", str(tiny_model.onnx_path)])
     assert code == 2
     assert "no stored decision threshold: pass --threshold" in caplog.text
+
+
+@pytest.mark.parametrize("command", ["verify", "identify"])
+@pytest.mark.parametrize("value", ["2", "-1.5", "nan", "high"])
+def test_threshold_outside_cosine_range_rejected(
+    command: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The value is rejected while parsing, before any model is resolved or image read."""
+    from edgeface.cli.main import main
+
+    images = ["a.jpg", "b.jpg"] if command == "verify" else ["a.jpg", "--gallery", "g"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *images, "--threshold", value, "--model", str(tmp_path / "none.onnx")])
+
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert re.search(rf"argument --threshold: invalid threshold '?{re.escape(value)}'?:", error)
+    assert "from -1 to 1" in error
+
+
+@pytest.mark.parametrize("value", ["-1", "0.35", "1"])
+def test_threshold_in_cosine_range_accepted(value: str) -> None:
+    from edgeface.cli.inference import cosine_threshold
+
+    assert cosine_threshold(value) == float(value)

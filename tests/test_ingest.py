@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from edgeface.cli.main import main
+from edgeface.config import load_config
 from edgeface.data.ingest import (
     BadImageError,
     ImageRecord,
@@ -421,6 +422,43 @@ def test_inspect_fails_over_limit(
     assert code == 2
     assert "unreadable:  2 of 21" in output
     assert "Broken/Broken_0001.jpg: not an image" in output
+
+
+def test_inspect_default_limit_matches_run(
+    tmp_path: Path, orl_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One unreadable file in 401 is below the 1% that `edgeface run` tolerates by default."""
+    shutil.copytree(orl_dir, tmp_path / "orl")
+    (tmp_path / "orl" / "s1" / "broken.pgm").write_bytes(b"")
+
+    code = main(["data", "inspect", str(tmp_path / "orl"), "--no-progress"])
+
+    assert code == 0
+    assert "unreadable:  1 of 401" in capsys.readouterr().out
+    assert load_config().data.max_bad_fraction == 0.01
+
+
+def test_inspect_error_names_own_flag(
+    tmp_path: Path, lfw_images: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _dataset_with_bad_files(tmp_path, lfw_images)
+
+    code = main(["data", "inspect", str(tmp_path), "--no-progress"])
+
+    assert code == 2
+    assert "more than max-bad-fraction 1.00%" in caplog.text
+    assert "allow more with `edgeface data inspect --max-bad-fraction`" in caplog.text
+    assert "config key" not in caplog.text
+
+
+def test_inspect_rejects_invalid_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["data", "inspect", str(tmp_path), "--max-bad-fraction", "5"])
+
+    assert code == 2
+    assert "invalid --max-bad-fraction 5.0: use a fraction from 0 to 1" in caplog.text
+    assert capsys.readouterr().out == ""
 
 
 def test_inspect_orl_text(orl_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -172,6 +172,30 @@ def test_submit_package_default_name(kfp_server: FakeKfpServer, package: Path) -
     assert upload.query["name"] == "edgeface-federated"
 
 
+def test_package_excludes_fleet(kfp_server: FakeKfpServer, fleet: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    package = tmp_path / "pipeline.yaml"
+    for command in ("submit", "schedule"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["pipeline", command, "--fleet", str(fleet), "--package", str(package),
+                  "--host", kfp_server.url, "--cron", "0 0 3 * * *"])
+        assert exit_info.value.code == 2
+        assert "argument --package: not allowed with argument --fleet" in capsys.readouterr().err
+    assert kfp_server.requests == []
+
+
+@pytest.mark.parametrize("option", [["--rounds", "2"], ["--mode", "pre-placed"],
+                                    ["--config", "run.yaml"], ["--task-timeout", "60"]])
+def test_package_rejects_compile_options(kfp_server: FakeKfpServer, tmp_path: Path,
+                                         option: list[str],
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    code = main(["pipeline", "submit", "--package", str(tmp_path / "pipeline.yaml"),
+                 "--host", kfp_server.url, *option])
+    assert code == 2
+    assert f"{option[0]} cannot change a compiled --package" in caplog.text
+    assert kfp_server.requests == []
+
+
 def test_unknown_param_rejected(kfp_server: FakeKfpServer, package: Path,
                                 caplog: pytest.LogCaptureFixture) -> None:
     code = main(submit_args(package, kfp_server, "--param", "dataset=/data"))

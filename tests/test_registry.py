@@ -66,15 +66,23 @@ def write_tiny_embedder(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def version_tags(accuracy: float, *, parity: bool = True, auc: float = 0.9) -> dict[str, Any]:
-    """Version tags as `edgeface run` writes them, with the given accuracy and parity."""
+def version_tags(accuracy: float, *, parity: bool = True, auc: float = 0.9,
+                 protocol: str | None = None,
+                 fingerprint: str = "fingerprint-abc") -> dict[str, Any]:
+    """Version tags as `edgeface run` writes them, with the given accuracy and parity.
+
+    Without `protocol` the `edgeface.protocol` tag is left out, as in versions registered
+    before edgeface wrote it.
+    """
+    protocol_tag = {} if protocol is None else {"edgeface.protocol": protocol}
     return {
+        **protocol_tag,
         "edgeface.metric.verification_accuracy_mean": accuracy,
         "edgeface.metric.verification_auc": auc,
         "edgeface.threshold": 0.42,
         "edgeface.onnx_parity_ok": parity,
         "edgeface.onnx_max_abs_diff": 2e-7 if parity else 0.3,
-        "edgeface.dataset_fingerprint": "fingerprint-abc",
+        "edgeface.dataset_fingerprint": fingerprint,
         "edgeface.config_hash": "cfg0123",
         "edgeface.code_version": "0.1.0",
         "edgeface.partition": "identity",
@@ -171,6 +179,73 @@ def test_promote_rejects_lower_accuracy(
                        "--tracking-uri", mlflow_server.url)
     assert code == 0, output
     assert tracker.registry.get_alias_target(model_name, "champion") == challenger
+
+
+def test_promote_rejects_other_evaluation(
+    tracker: Tracker, register: Callable[..., int], model_name: str,
+    mlflow_server: MlflowServer, capsys: pytest.CaptureFixture[str],
+) -> None:
+    champion = register(model_name, 0.70, protocol="holdout", fingerprint="orl-32px")
+    promote(tracker.registry, model_name, source=champion)
+    candidate = register(model_name, 0.80, protocol="lfw-view1", fingerprint="lfw-64px")
+
+    code, output = cli(capsys, "promote", model_name, "--tracking-uri", mlflow_server.url)
+    assert code == 1, output
+    assert "accuracy failed" in output
+    assert "protocol 'lfw-view1' versus 'holdout'" in output
+    assert "dataset fingerprint 'lfw-64px' versus 'orl-32px'" in output
+    assert "--skip-accuracy-gate" in output
+    assert tracker.registry.get_alias_target(model_name, "champion") == champion
+
+    code, output = cli(capsys, "promote", model_name, "--skip-accuracy-gate",
+                       "--tracking-uri", mlflow_server.url)
+    assert code == 0, output
+    assert "skipped (--skip-accuracy-gate)" in output
+    assert tracker.registry.get_alias_target(model_name, "champion") == candidate
+
+
+def test_promote_rejects_other_fingerprint_only(
+    tracker: Tracker, register: Callable[..., int], model_name: str,
+) -> None:
+    champion = register(model_name, 0.70, protocol="lfw-view1", fingerprint="lfw-a")
+    promote(tracker.registry, model_name, source=champion)
+    register(model_name, 0.90, protocol="lfw-view1", fingerprint="lfw-b")
+
+    decision = promote(tracker.registry, model_name)
+    assert not decision.accepted
+    [failed] = decision.failed_gates
+    assert failed.name == "accuracy"
+    assert "dataset fingerprint 'lfw-b' versus 'lfw-a'" in failed.detail
+    assert "protocol '" not in failed.detail
+
+
+def test_promote_same_evaluation_compares(
+    tracker: Tracker, register: Callable[..., int], model_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    champion = register(model_name, 0.70, protocol="lfw-view1")
+    promote(tracker.registry, model_name, source=champion)
+    register(model_name, 0.72, protocol="lfw-view1")
+
+    caplog.clear()
+    decision = promote(tracker.registry, model_name)
+    assert decision.outcome == "promoted"
+    assert "cannot check" not in caplog.text
+
+
+def test_promote_untagged_versions_warn(
+    tracker: Tracker, register: Callable[..., int], model_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    champion = register(model_name, 0.70)
+    promote(tracker.registry, model_name, source=champion)
+    register(model_name, 0.72, protocol="lfw-view1")
+
+    caplog.clear()
+    decision = promote(tracker.registry, model_name)
+    assert decision.outcome == "promoted"
+    assert "cannot check that versions" in caplog.text
+    assert "edgeface.protocol missing on one of them" in caplog.text
 
 
 def test_promote_rejects_failed_parity(
@@ -318,7 +393,8 @@ def test_missing_targets_rejected(
 ) -> None:
     registry = tracker.registry
     version = register(model_name, 0.70)
-    with pytest.raises(RegistryError, match="has no alias 'staging'"):
+    with pytest.raises(RegistryError, match="'staging' is neither a version number nor an "
+                                            "existing alias"):
         promote(registry, model_name, source="staging")
     with pytest.raises(RegistryError, match=f"has no version {version + 40}"):
         promote(registry, model_name, source=version + 40)
@@ -329,6 +405,41 @@ def test_missing_targets_rejected(
     code, _ = cli(capsys, "promote", model_name, "--from", "v1",
                   "--tracking-uri", mlflow_server.url)
     assert code == 2
+
+
+def test_promote_rejects_alias_case_variant(
+    tracker: Tracker, register: Callable[..., int], model_name: str,
+    mlflow_server: MlflowServer, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = tracker.registry
+    champion = register(model_name, 0.70)
+    promote(registry, model_name)
+    register(model_name, 0.80)
+
+    with pytest.raises(RegistryError, match=f"alias 'Champion' differs only in case from the "
+                                            f"existing alias 'champion' of '{model_name}' "
+                                            f"\\(version {champion}\\)"):
+        promote(registry, model_name, alias="Champion")
+    code, _ = cli(capsys, "promote", model_name, "--to", "CHAMPION", "--dry-run",
+                  "--tracking-uri", mlflow_server.url)
+    assert code == 2
+    assert "Use --to champion to move it" in caplog.text
+    assert registry.get_aliases(model_name) == {"champion": champion, "challenger": champion + 1}
+
+
+def test_models_show_unknown_key_lists_aliases(
+    register: Callable[..., int], model_name: str, mlflow_server: MlflowServer,
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    version = register(model_name, 0.70)
+
+    code, _ = cli(capsys, "models", "show", f"{model_name}/abc",
+                  "--tracking-uri", mlflow_server.url)
+
+    assert code == 2
+    assert (f"'abc' is neither a version number nor an existing alias of registered model "
+            f"'{model_name}' (aliases: challenger -> {version})") in caplog.text
 
 
 def test_invalid_max_regression(tracker: Tracker, model_name: str) -> None:

@@ -3,6 +3,8 @@
     edgeface cluster config --fleet F        print the generated k3d config
     edgeface cluster up --fleet F            create the cluster and install KFP and MLflow
     edgeface cluster status --fleet F        nodes, their caps and the readiness of key pods
+    edgeface cluster volumes --fleet F       print the PersistentVolumes and claims of the
+                                             node and dataset folders
     edgeface cluster load-data --fleet F --data DIR   copy each node's share to its folder
     edgeface cluster down --fleet F          delete the cluster (node folders are kept)
 
@@ -143,29 +145,31 @@ def _run_up(args: argparse.Namespace) -> int:
     fleet = load_fleet(args.fleet)
     manifests = args.manifests
     config_out = args.config_out or Path("build") / f"k3d-{fleet.name}.yaml"
-    bring_up(fleet, manifests, args.build_context, config_out, args.timeout, args.skip_build)
+    bring_up(fleet, args.fleet, manifests, args.build_context, config_out, args.timeout,
+             args.skip_build)
     print(port_forward_help(fleet))
     return 0
 
 
-def bring_up(fleet: Fleet, manifests: Path, build_context: Path, config_out: Path,
-             timeout: float, skip_build: bool) -> None:
+def bring_up(fleet: Fleet, fleet_file: Path, manifests: Path, build_context: Path,
+             config_out: Path, timeout: float, skip_build: bool) -> None:
     """Create the fleet's cluster, load images, install KFP and k8s/base, wait for readiness.
 
-    Raises CommandError naming the step that failed, or the pods that are not ready after
-    `timeout` seconds with the reason of each.
+    `fleet_file` is the file `fleet` was read from, named in error messages.
+
+    Raises ConfigError for a missing data folder before anything is created, and
+    CommandError naming the step that failed, or the pods that are not ready after `timeout`
+    seconds with the reason of each.
     """
     require_tools(["docker", "k3d", "kubectl"])
     _check_manifests(manifests)
+    _check_data_folders(fleet, fleet_file)
     _ensure_secret_files(manifests / "base" / "secrets")
 
     config = render_k3d_config(fleet, host_cpus=docker_host_cpus())
     config_out.parent.mkdir(parents=True, exist_ok=True)
     config_out.write_text(k3d_config_yaml(config), encoding="utf-8")
     logger.info("wrote k3d config %s", config_out)
-    for node in fleet.nodes:
-        # Docker would create a missing bind-mount source as a root-owned folder.
-        node.host_data_path.mkdir(parents=True, exist_ok=True)
     _create_cluster(fleet, config_out)
 
     if not skip_build:
@@ -185,6 +189,44 @@ def _check_manifests(manifests: Path) -> None:
             f"manifest folder {manifests} lacks {', '.join(missing)}: run from the repository "
             "root or pass --manifests pointing at its k8s/ folder"
         )
+
+
+def _check_data_folders(fleet: Fleet, fleet_file: Path) -> None:
+    """Raise ConfigError listing every data folder that k3d would bind-mount but is unusable.
+
+    Docker would create a missing bind-mount source as an empty root-owned folder, and the
+    pipeline would fail only later, on a node or a dataset without images.
+    """
+    problems = []
+    dataset = fleet.dataset_host_path
+    if dataset is not None:
+        state = _folder_state(dataset)
+        if state is None and not any(dataset.iterdir()):
+            state = "is empty"
+        if state is not None:
+            problems.append(f"dataset-host-path {dataset} {state}: copy the dataset there, for "
+                            f"example `mkdir -p {dataset} && cp -r /path/to/lfw {dataset}/lfw`")
+    for node in fleet.nodes:
+        state = _folder_state(node.host_data_path)
+        if state is not None:
+            problems.append(
+                f"host-data-path {node.host_data_path} of node {node.name} {state}: run "
+                f"`edgeface cluster load-data --fleet {fleet_file} --data DATASET_DIR`, or for "
+                f"simulation mode create it empty with `mkdir -p {node.host_data_path}`"
+            )
+    if problems:
+        header = (f"fleet file {fleet_file}: {len(problems)} data folder(s) not ready, so no "
+                  "cluster was created:")
+        raise ConfigError("\n".join([header, *(f"  - {problem}" for problem in problems)]))
+
+
+def _folder_state(path: Path) -> str | None:
+    """Return why `path` is not a usable folder ("does not exist", ...), or None if it is one."""
+    if not path.exists():
+        return "does not exist"
+    if not path.is_dir():
+        return "is not a folder"
+    return None
 
 
 def _ensure_secret_files(folder: Path) -> None:
@@ -299,8 +341,18 @@ def _run_status(args: argparse.Namespace) -> int:
     fleet = load_fleet(args.fleet)
     require_tools(["kubectl"])
     context = kube_context(fleet)
-    result = run_command(["kubectl", "--context", context, "get", "nodes", "-o", "json"],
-                         timeout=60)
+    try:
+        result = run_command(["kubectl", "--context", context, "get", "nodes", "-o", "json"],
+                             timeout=60)
+    except CommandError as error:
+        # kubectl's message when the kubeconfig has no such context, which k3d creates with
+        # the cluster and removes with it.
+        if "context was not found" not in str(error):
+            raise
+        raise ConfigError(
+            f"cluster {fleet.name} not found (kubectl has no context {context}): create it "
+            f"with `edgeface cluster up --fleet {args.fleet}`"
+        ) from None
     nodes = [_describe_node(node) for node in json.loads(result.stdout).get("items", [])]
     not_ready = readiness_report(required_pods(fleet, KFP_NAMESPACE), list_pods(context))
     if args.format == "json":

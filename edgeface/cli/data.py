@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from edgeface.config import load_config
 from edgeface.data.fetch import DATASETS, LFW, fetch_dataset
 from edgeface.data.ingest import (
     ImageRecord,
@@ -18,6 +19,7 @@ from edgeface.data.ingest import (
     resolve_images_root,
     validate_images,
 )
+from edgeface.errors import ConfigError
 
 # Unreadable files listed by name in the text summary. `--format json` lists all of them.
 MAX_LISTED_BAD_FILES = 20
@@ -80,9 +82,13 @@ def _add_inspect_parser(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument(
         "--format", choices=["text", "json"], default="text", help="output format (default text)"
     )
+    # The same limit as `edgeface run` with the built-in config, so inspect passes exactly the
+    # datasets that a run accepts.
+    default_limit = load_config().data.max_bad_fraction
     inspect.add_argument(
-        "--max-bad-fraction", type=float, default=0.0,
-        help="fraction of unreadable images (0 to 1) tolerated before failing (default 0)",
+        "--max-bad-fraction", type=float, default=default_limit,
+        help=f"fraction of unreadable images (0 to 1) tolerated before failing (default "
+             f"{default_limit:g}, as in `edgeface run`)",
     )
     inspect.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     inspect.set_defaults(func=lambda args: run_inspect(args))
@@ -102,6 +108,9 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    if not 0.0 <= args.max_bad_fraction <= 1.0:
+        raise ConfigError(f"invalid --max-bad-fraction {args.max_bad_fraction!r}: use a "
+                          "fraction from 0 to 1, for example 0.01 for 1%")
     images_root = resolve_images_root(args.data_dir)
     records = list_images(images_root)
     report = validate_images(images_root, records, progress=not args.no_progress, desc="inspect")
@@ -110,7 +119,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(format_summary(summary))
-    check_bad_fraction(report, args.max_bad_fraction, str(images_root))
+    check_bad_fraction(report, args.max_bad_fraction, str(images_root),
+                       allow_more="allow more with `edgeface data inspect --max-bad-fraction`")
     return 0
 
 

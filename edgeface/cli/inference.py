@@ -61,9 +61,9 @@ def _add_verify_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("image_a", type=Path, metavar="IMAGE_A")
     parser.add_argument("image_b", type=Path, metavar="IMAGE_B")
-    parser.add_argument("--threshold", type=float,
-                        help="cosine-similarity threshold (default: the one stored with the "
-                             "model)")
+    parser.add_argument("--threshold", type=cosine_threshold,
+                        help="cosine-similarity threshold, from -1 to 1 (default: the one "
+                             "stored with the model)")
     _add_model_options(parser)
     parser.set_defaults(func=run_verify)
 
@@ -79,13 +79,27 @@ def _add_identify_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="gallery folder: DIR/<identity>/<image>")
     parser.add_argument("--top-k", type=int, default=5,
                         help="identities to list (default 5)")
-    parser.add_argument("--threshold", type=float,
-                        help="cosine-similarity threshold reported with the match (default: "
-                             "the one stored with the model)")
+    parser.add_argument("--threshold", type=cosine_threshold,
+                        help="cosine-similarity threshold reported with the match, from -1 to "
+                             "1 (default: the one stored with the model)")
     parser.add_argument("--no-cache", action="store_true",
                         help="embed the gallery again instead of reading the cache")
     _add_model_options(parser)
     parser.set_defaults(func=run_identify)
+
+
+def cosine_threshold(text: str) -> float:
+    """Parse a --threshold value, which must be a cosine similarity in [-1, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid threshold {text!r}: expected a number "
+                                         "from -1 to 1, such as 0.3") from None
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"invalid threshold {text}: a cosine similarity lies in [-1, 1], so use a value "
+            "from -1 to 1, such as 0.3")
+    return value
 
 
 def _embedder(args: argparse.Namespace) -> Any:

@@ -64,8 +64,10 @@ def _add_promote_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Point the --to alias at the version named by --from when it passes every gate: "
             "finite metrics, passed ONNX parity, and a verification accuracy no lower than "
-            "that of the version the --to alias points to now, minus --max-regression. The "
-            "decision is recorded in version tags. Exits 1 when a gate rejects the version."
+            "that of the version the --to alias points to now, minus --max-regression. "
+            "Accuracies measured with another protocol or on another dataset fail the "
+            "accuracy gate. The decision is recorded in version tags. Exits 1 when a gate "
+            "rejects the version."
         ),
     )
     parser.add_argument("name", metavar="NAME", help="registered model name")
@@ -77,6 +79,9 @@ def _add_promote_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="accepted drop in verification accuracy versus the version the "
                              "--to alias points to now, as a fraction (0.01 = one point; "
                              "default 0)")
+    parser.add_argument("--skip-accuracy-gate", action="store_true",
+                        help="pass the accuracy gate without comparing, for example when the "
+                             "two versions were evaluated on different datasets or protocols")
     parser.add_argument("--dry-run", action="store_true",
                         help="evaluate the gates and print the decision without changing "
                              "anything")
@@ -221,8 +226,8 @@ def run_promote(args: argparse.Namespace) -> int:
     registry = open_registry(args.tracking_uri)
     decision = promote(
         registry, args.name, source=args.source, alias=args.alias,
-        max_regression=args.max_regression, dry_run=args.dry_run,
-        lock_timeout_s=args.lock_timeout,
+        max_regression=args.max_regression, skip_accuracy_gate=args.skip_accuracy_gate,
+        dry_run=args.dry_run, lock_timeout_s=args.lock_timeout,
     )
     if args.format == "json":
         _print_json(decision.to_dict())

@@ -8,8 +8,9 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
-from edgeface.config import SECTIONS, leaf_keys, load_config
+from edgeface.config import SECTIONS, RunConfig, leaf_keys, load_config
 from edgeface.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -36,20 +37,62 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue an interrupted run from its last completed round")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    overrides = parser.add_argument_group("config overrides")
+    overrides = parser.add_argument_group(
+        "config overrides", "defaults are those of the built-in config (edgeface/configs/"
+                            "default.yaml); a --config file changes them")
+    # The help shows the built-in config's values, which differ from some field defaults of
+    # the config classes (for example eval-every).
+    defaults = load_config()
     for flag, (section, yaml_key) in sorted(leaf_keys().items()):
-        overrides.add_argument(f"--{flag}", dest=f"override:{flag}", metavar="VALUE",
-                               help=_help_for(section, yaml_key))
+        # The choices are shown but not passed to argparse, so that an invalid value is
+        # reported by load_config together with every other invalid key.
+        choices = _choices(section, yaml_key)
+        metavar = "{" + ",".join(choices) + "}" if choices else "VALUE"
+        overrides.add_argument(f"--{flag}", dest=f"override:{flag}", metavar=metavar,
+                               help=_help_for(defaults, section, yaml_key))
     parser.set_defaults(func=run_command)
 
 
-def _help_for(section: str | None, yaml_key: str) -> str:
+def _field(section: str | None, yaml_key: str) -> Any:
+    """Return the pydantic field of a config key; `section` None is the top level (`seed`)."""
+    model = RunConfig if section is None else SECTIONS[section]
+    return model.model_fields[yaml_key.replace("-", "_")]
+
+
+def _choices(section: str | None, yaml_key: str) -> list[str] | None:
+    """Return the allowed values of a key typed as a Literal of strings, else None."""
+    annotation = _field(section, yaml_key).annotation
+    if get_origin(annotation) is not Literal:
+        return None
+    values = get_args(annotation)
+    return list(values) if all(isinstance(value, str) for value in values) else None
+
+
+def _help_for(defaults: RunConfig, section: str | None, yaml_key: str) -> str:
+    """Return the help of one config flag: key, description and the built-in default."""
+    attribute = yaml_key.replace("-", "_")
     if section is None:
-        return "random seed for partitioning, initialisation and training"
-    model = SECTIONS[section]
-    field = model.model_fields[yaml_key.replace("-", "_")]
-    description = field.description or ""
-    return f"{section}.{yaml_key}: {description} (default {field.default!r})".replace("%", "%%")
+        key, value = yaml_key, getattr(defaults, attribute)
+        description = "random seed for partitioning, initialisation and training"
+    else:
+        key, value = f"{section}.{yaml_key}", getattr(getattr(defaults, section), attribute)
+        description = _field(section, yaml_key).description
+    text = f"{key}: {description}" if description else key
+    # Keys without a value (cache-dir, server-lr, tracking-uri) describe their fallback.
+    if value is not None:
+        text += f" (default {_format_value(value)})"
+    return text.replace("%", "%%")
+
+
+def _format_value(value: Any) -> str:
+    """Write a config value as it would be passed on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return ",".join(_format_value(item) for item in value)
+    return str(value)
 
 
 def collect_overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -77,19 +120,14 @@ def run_command(args: argparse.Namespace) -> int:
             raise ConfigError("--resume takes no --config or config flags: the run keeps its config")
         config = load_config(config_path)
         state = _read_run_state(run_dir / "state.json")
-        data_dir = args.data or state.get("data_dir") or os.environ.get("EDGEFACE_DATA")
+        data_dir = _dataset_folder(args.data, state.get("data_dir"))
     else:
         config = load_config(args.config, collect_overrides(args))
-        data_dir = args.data or os.environ.get("EDGEFACE_DATA")
+        data_dir = _dataset_folder(args.data, None)
         run_dir = args.out or _default_run_dir()
         if run_dir.exists() and not run_dir.is_dir():
             raise ConfigError(f"invalid --out {run_dir}: it is a file, not a folder. Choose a "
                               "new folder for the run")
-    if not data_dir:
-        raise DataError(NO_DATA_MESSAGE)
-    data_dir = Path(data_dir)
-    if not data_dir.exists():
-        raise DataError(f"dataset folder not found: {data_dir}. {NO_DATA_MESSAGE}")
 
     progress = not args.no_progress and sys.stderr.isatty()
     if not progress:
@@ -119,6 +157,31 @@ def _read_run_state(path: Path) -> dict[str, object]:
     except ValueError as error:
         raise ConfigError(f"cannot resume: run state {path} is not valid JSON ({error}). "
                           "Restore it, or start a new run with another --out folder") from None
+
+
+def _dataset_folder(flag: Path | None, resumed: str | None) -> Path:
+    """Return the dataset folder from --data, else the resumed run's, else $EDGEFACE_DATA.
+
+    Raises:
+        DataError: no folder is given, or the path is not a folder. The message names where
+            the path came from.
+    """
+    if flag is not None:
+        path, source = flag, "--data"
+    elif resumed:
+        path, source = Path(resumed), "the resumed run's state.json"
+    elif os.environ.get("EDGEFACE_DATA"):
+        path, source = Path(os.environ["EDGEFACE_DATA"]), "EDGEFACE_DATA"
+    else:
+        raise DataError(NO_DATA_MESSAGE)
+    if not path.is_dir():
+        problem = "is not a folder" if path.exists() else "not found"
+        raise DataError(
+            f"dataset folder {path} (from {source}) {problem}: pass --data with a folder of "
+            "<identity>/<image> subfolders or an LFW folder, or get LFW with `edgeface data "
+            "fetch lfw --dest data/lfw`"
+        )
+    return path
 
 
 def _default_run_dir() -> Path:

@@ -11,20 +11,25 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import FrameType
 
 from edgeface.errors import EdgefaceError
+from edgeface.tracking import resolve_tracking_uri
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 5000
 STARTUP_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 10.0
+# Seconds the server must keep running after its first successful health probe.
+SETTLE_S = 1.0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -63,10 +68,14 @@ def run_ui(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise EdgefaceError(f"invalid --port {args.port}: use 1 to 65535")
-    uri = open_store(args.tracking_uri).tracking_uri
+    uri = resolve_tracking_uri(args.tracking_uri, Path.cwd())
     if uri.startswith(("http://", "https://")):
         print(f"the tracking store is already a server: open {uri}")
         return 0
+    # The port check comes before open_store, which imports mlflow (seconds), so a busy port
+    # fails at once.
+    _check_port_free(args.host, args.port)
+    open_store(uri)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
            "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -80,7 +89,11 @@ def run_ui(args: argparse.Namespace) -> int:
         _wait_until_healthy(process, address, args.port, args.startup_timeout)
         print(f"MLflow UI for {uri} at {address} (server pid {process.pid}); press Ctrl-C to "
               "stop", flush=True)
-        return process.wait()
+        code = process.wait()
+        if code != 0:
+            raise EdgefaceError(f"mlflow server pid {process.pid} exited with code {code}: see "
+                                "its output above")
+        return 0
     except KeyboardInterrupt:
         logger.info("stopping mlflow server pid %d", process.pid)
         return 0
@@ -93,26 +106,65 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Raise unless a server could listen on `host`:`port` now.
+
+    Without this check another server on the port responds to the health probe, and the address
+    printed would serve that server's store while our own server fails to bind. The probe
+    socket sets SO_REUSEADDR as uvicorn does, so connections in TIME_WAIT do not count as busy.
+    """
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise EdgefaceError(f"invalid --host {host!r}: {error.strerror}") from error
+    family, kind, protocol, _, address = addresses[0]
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise EdgefaceError(
+                f"port {port} on {host} is not available ({error.strerror}): another server "
+                f"probably listens on it. Choose another port with --port, or stop the server "
+                f"that uses port {port}"
+            ) from error
+
+
 def _wait_until_healthy(process: subprocess.Popen[bytes], address: str, port: int,
                         timeout_s: float) -> None:
+    """Wait until the server at `address` responds to its health probe while `process` still runs.
+
+    After a successful probe it waits up to SETTLE_S more and fails if `process` exits in that
+    time, because then some other server on `port` responded to the probe.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise EdgefaceError(
-                f"mlflow server exited with code {process.returncode} before it responded (see "
-                f"its output above): if port {port} is in use, choose another with --port"
-            )
+        _raise_if_exited(process, port)
         try:
             with urllib.request.urlopen(f"{address}/health", timeout=1.0) as response:
-                if response.status == 200:
-                    return
+                healthy = response.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+            healthy = False
+        if healthy:
+            try:
+                process.wait(timeout=SETTLE_S)
+            except subprocess.TimeoutExpired:
+                return
+            _raise_if_exited(process, port)
         time.sleep(0.3)
     raise EdgefaceError(
         f"mlflow server did not respond at {address} within {timeout_s:g} s: raise "
         "--startup-timeout on a slow machine"
     )
+
+
+def _raise_if_exited(process: subprocess.Popen[bytes], port: int) -> None:
+    if process.poll() is not None:
+        raise EdgefaceError(
+            f"mlflow server exited with code {process.returncode} before it was ready (see its "
+            f"output above): if port {port} is in use, choose another with --port"
+        )
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -270,10 +270,17 @@ def log_bad_files(report: ValidationReport, where: str, limit: int = MAX_LOGGED_
         )
 
 
-def check_bad_fraction(report: ValidationReport, max_bad_fraction: float, where: str) -> None:
+# Default end of the `check_bad_fraction` error: how a run raises the limit.
+ALLOW_MORE_BAD_IMAGES = "allow more with the config key `max-bad-fraction` or the flag " \
+                        "`--max-bad-fraction`"
+
+
+def check_bad_fraction(report: ValidationReport, max_bad_fraction: float, where: str,
+                       allow_more: str = ALLOW_MORE_BAD_IMAGES) -> None:
     """Raise DataError when more than `max_bad_fraction` (0..1) of the checked images failed.
 
-    `where` names the dataset or node in the message, for example "node-2".
+    `where` names the dataset or node in the message, for example "node-2". `allow_more` ends
+    the message and says how to raise the limit in the caller's command.
 
     Raises:
         ConfigError: `max_bad_fraction` is outside 0..1.
@@ -291,6 +298,5 @@ def check_bad_fraction(report: ValidationReport, max_bad_fraction: float, where:
     raise DataError(
         f"{where}: {len(report.bad)} of {report.checked} images are unreadable "
         f"({report.bad_fraction:.2%}), more than max-bad-fraction {max_bad_fraction:.2%}: "
-        f"{examples}{more}. Replace or remove those files, or allow more with the config key "
-        "`max-bad-fraction` or the flag `--max-bad-fraction`"
+        f"{examples}{more}. Replace or remove those files, or {allow_more}"
     )
