@@ -490,10 +490,12 @@ class LocalRunner:
                 name = pending.pop(0)
                 self.workers[name].send(requests[name])
                 running[name] = (time.monotonic(), "while starting up and loading its data")
+            finished = set(replies)
             self._collect(running, replies, timeout)
-        for name, reply in sorted(replies.items()):
-            if not reply.get("ok"):
-                logger.warning("%s failed to %s: %s", name, what, reply.get("error"))
+            # Failures are logged as they happen, not when the slowest node is done.
+            for name in sorted(set(replies) - finished):
+                if not replies[name].get("ok"):
+                    logger.warning("%s failed to %s: %s", name, what, replies[name].get("error"))
         return replies
 
     def _collect(self, running: dict[str, tuple[float, str]],
