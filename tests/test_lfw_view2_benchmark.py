@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LFW = Path(os.environ.get("EDGEFACE_LFW", REPO.parent / "shared" / "data" / "lfw"))
 
 
 def load_benchmark():
@@ -100,12 +98,12 @@ def test_view2_rejects_bad_folds(text: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (LFW / "pairs.txt").exists(), reason="LFW with View 2 files not found")
-def test_view2_one_fold_reduced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_view2_one_fold_reduced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                lfw_dir: Path) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     out = tmp_path / "bench"
-    assert view2.main(["--data", str(LFW), "--out", str(out), "--folds", "0",
+    assert view2.main(["--data", str(lfw_dir), "--out", str(out), "--folds", "0",
                        "--budget", "reduced"]) == 0
     result = json.loads((out / "lfw_view2.json").read_text())
     for setting in ("federated", "centralized"):
