@@ -40,7 +40,7 @@ SETTINGS: dict[str, list[str]] = {
 }
 
 # Extra `edgeface run` flags per budget. `full` is the built-in default config. `reduced` is
-# for smoke tests: one short round at 32 px, so its accuracy says nothing about the method.
+# for smoke tests: one short round at 32 px, so its accuracy does not measure the method.
 BUDGETS: dict[str, list[str]] = {
     "full": [],
     "reduced": ["--image-size", "32", "--rounds", "1", "--local-epochs", "0.05",

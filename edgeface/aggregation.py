@@ -655,7 +655,7 @@ class SpreadOut:
     Implements the server step of FedAwS (Yu et al., "Federated Learning with Only Positive
     Labels", ICML 2020, arXiv:2004.10342), which FedFace (Aggarwal et al., "FedFace:
     Collaborative Learning of Face Recognition Model", IJCB 2021) applies to face recognition.
-    A node sees only its own people, so its margin loss separates its own class centres but
+    A node trains on only its own people, so its margin loss separates its own class centres but
     nothing pushes them away from the centres of other nodes. Each round the server receives
     every node's centres (the rows of its ArcFace or CosFace head, weights only) and takes
     `steps` gradient steps of size `lr` on
@@ -695,7 +695,8 @@ class SpreadOut:
         """Return every node's centres after the server step.
 
         `centres` maps node name to a (C_node, D) tensor. A node with zero rows takes no part
-        and is returned unchanged; so is every node when fewer than two nodes have rows.
+        and is returned unchanged. When fewer than two nodes have rows, every node is returned
+        unchanged.
 
         Raises:
             ValueError: a value is not a 2-D floating-point tensor, the embedding sizes differ,

@@ -279,7 +279,7 @@ def make_strategy(config: RunConfig, num_nodes: int) -> Strategy:
 
 
 def make_spreadout(config: RunConfig) -> SpreadOut | None:
-    """Return the spread-out server step that the config asks for, or None when it is off."""
+    """Build the spread-out server step from the config, or return None when `spreadout` is off."""
     federation = config.federation
     if not federation.spreadout:
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -24,7 +25,7 @@ view2 = load_benchmark()
 
 
 class FakeTrainer:
-    """Stands in for `edgeface run`: records its calls and fails on request."""
+    """Fake trainer in place of `edgeface run`: records its calls and fails on request."""
 
     def __init__(self, fail_on: tuple[int, str] | None = None) -> None:
         self.calls: list[tuple[int, str]] = []
@@ -93,7 +94,7 @@ def test_view2_parses_folds(text: str, folds: list[int]) -> None:
 
 @pytest.mark.parametrize("text", ["10", "a", "", "3-x"])
 def test_view2_rejects_bad_folds(text: str) -> None:
-    with pytest.raises(Exception, match="invalid --folds"):
+    with pytest.raises(argparse.ArgumentTypeError, match="invalid --folds"):
         view2.parse_folds(text)
 
 

@@ -11,7 +11,7 @@ import torch
 from edgeface import steps
 from edgeface.aggregation import SpreadOut
 from edgeface.config import load_config
-from edgeface.errors import ConfigError
+from edgeface.errors import ConfigError, DataError
 
 
 def collapsed_centres(nodes: int = 3, per_node: int = 5, dim: int = 16) -> dict[str, torch.Tensor]:
@@ -183,6 +183,6 @@ def test_train_node_rejects_foreign_centres(tmp_path: Path) -> None:
                                     "batch-size": 4, "local-epochs": 0.5})
     global_path = steps.save_atomic(steps.initial_state(config), tmp_path / "global.pt")
     wrong = steps.save_atomic(torch.randn(5, 8), tmp_path / "wrong.pt")
-    with pytest.raises(Exception, match=r"shape \(5, 8\).*\(3, 8\)"):
+    with pytest.raises(DataError, match=r"shape \(5, 8\).*\(3, 8\)"):
         steps.train_node(tiny_node("node-0", 3, 0), global_path, tmp_path / "node-0",
                          tmp_path / "u.pt", config, 1, centres_path=wrong)
