@@ -26,6 +26,7 @@ import pytest
 from mlflow_server import MlflowServer
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeface.config import load_config
 from edgeface.errors import ConfigError, RegistryError
 from edgeface.tracking import (
     HTTP_ENV_DEFAULTS,
@@ -327,6 +328,17 @@ def test_log_params_flattens_config(tracker: Tracker) -> None:
     run_id = tracker.start_parent("params", config)
     params = tracker.client.get_run(run_id).data.params
     assert params == {"train.lr": "0.05", "train.epochs": "2", "nodes": '["edge-0", "edge-1"]'}
+
+
+def test_log_params_records_spreadout(tracker: Tracker) -> None:
+    config = load_config(overrides={"spreadout": True, "spreadout-lr": 0.2})
+    run_id = tracker.start_parent("spreadout", config.to_dict())
+    tracker.log_metrics(run_id, {"spreadout_max_cosine_after": 0.1}, 0)
+    run = tracker.client.get_run(run_id)
+    assert run.data.params["federation.spreadout"] == "true"
+    assert run.data.params["federation.spreadout-lr"] == "0.2"
+    assert run.data.params["federation.spreadout-margin"] == "1.4142"
+    assert run.data.metrics["spreadout_max_cosine_after"] == pytest.approx(0.1)
 
 
 def test_log_params_truncates_long_values(
