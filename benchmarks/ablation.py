@@ -74,6 +74,19 @@ def run_cell(data: Path, out: Path, partition: str, strategy: str,
     return record
 
 
+def markdown_table(records: list[dict[str, object]]) -> str:
+    """Format the cells as a Markdown table, one row per (partition, strategy)."""
+    lines = ["| partition | strategy | View 1 accuracy | wall time | MiB down / up per round |",
+             "| --- | --- | --- | --- | --- |"]
+    for record in records:
+        lines.append(
+            f"| {record['partition']} | {record['strategy']} | {record['accuracy']:.3f} +- "
+            f"{record['std']:.3f} | {record['wall_seconds'] / 60:.1f} min | "
+            f"{record['download_bytes_per_round'] / 2**20:.1f} / "
+            f"{record['upload_bytes_per_round'] / 2**20:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="LFW folder with protocol files")
@@ -96,6 +109,8 @@ def main() -> int:
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "budget": REDUCED_BUDGET, "cells": records}
     (out / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "ablation.md").write_text(markdown_table(records))
+    print(f"wrote {out / 'ablation.json'} and {out / 'ablation.md'}")
     return 0
 
 
