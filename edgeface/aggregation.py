@@ -726,7 +726,9 @@ class SpreadOut:
         start = 0
         for name in names:
             count = len(centres[name])
-            result[name] = weights[start:start + count].to(centres[name].dtype)
+            # clone() so each node gets its own storage: torch.save of a view writes the whole
+            # stacked tensor, which would send every node all centres.
+            result[name] = weights[start:start + count].to(centres[name].dtype).clone()
             start += count
         seconds = time.perf_counter() - started
         logger.info("spread out %d class centres of %d nodes: max cross-node cosine %.3f -> %.3f",

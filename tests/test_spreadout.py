@@ -186,3 +186,16 @@ def test_train_node_rejects_foreign_centres(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"shape \(5, 8\).*\(3, 8\)"):
         steps.train_node(tiny_node("node-0", 3, 0), global_path, tmp_path / "node-0",
                          tmp_path / "u.pt", config, 1, centres_path=wrong)
+
+
+def test_spreadout_files_hold_own_rows(tmp_path: Path) -> None:
+    centres = collapsed_centres()
+    files = {name: steps.save_atomic(rows, tmp_path / "in" / f"{name}.pt")
+             for name, rows in centres.items()}
+    adjusted, _ = steps.spreadout_step(SpreadOut(), files, tmp_path / "out")
+
+    for name, path in adjusted.items():
+        loaded = torch.load(path, weights_only=True)
+        assert loaded.shape == centres[name].shape
+        # A saved view would carry the storage of every node's centres.
+        assert loaded.untyped_storage().nbytes() == loaded.numel() * loaded.element_size()
