@@ -283,6 +283,12 @@ def make_spreadout(config: RunConfig) -> SpreadOut | None:
     federation = config.federation
     if not federation.spreadout:
         return None
+    if config.partition.strategy != "identity":
+        # NOTE: the step does not know which centres belong to the same person, so with shared
+        # people it also pushes apart two nodes' centres of one person.
+        logger.warning("spreadout is on with the %r partition, where nodes share people: the "
+                       "server step also pushes apart centres of the same person on different "
+                       "nodes. It is meant for --partition identity", config.partition.strategy)
     return SpreadOut(lr=federation.spreadout_lr, margin=federation.spreadout_margin,
                      steps=federation.spreadout_steps)
 

@@ -199,3 +199,12 @@ def test_spreadout_files_hold_own_rows(tmp_path: Path) -> None:
         assert loaded.shape == centres[name].shape
         # A saved view would carry the storage of every node's centres.
         assert loaded.untyped_storage().nbytes() == loaded.numel() * loaded.element_size()
+
+
+def test_spreadout_warns_on_shared_people(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="edgeface.steps"):
+        steps.make_spreadout(load_config(overrides={"spreadout": True}))
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="edgeface.steps"):
+        steps.make_spreadout(load_config(overrides={"spreadout": True, "partition": "iid"}))
+    assert "'iid' partition" in caplog.text
