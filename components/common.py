@@ -57,10 +57,16 @@ def load_run_config(config_json: str) -> RunConfig:
         raise ConfigError(f"pipeline parameter config_json is not valid JSON: {error}. Pass the "
                           "JSON form of a config file, as `edgeface pipeline compile` writes it")
     try:
-        return RunConfig.model_validate(raw)
+        config = RunConfig.model_validate(raw)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise ConfigError(f"invalid pipeline parameter config_json: {problems}") from None
+    # TODO: pass the class centres between the training and aggregation tasks as artifacts.
+    if config.federation.spreadout:
+        raise ConfigError("invalid pipeline parameter config_json: federation.spreadout is true, "
+                          "but only `edgeface run` implements the spread-out server step; set "
+                          "spreadout to false for the pipeline")
+    return config
 
 
 def check_compiled_shape(config: RunConfig, nodes: int, rounds: int, eval_every: int,

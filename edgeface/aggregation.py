@@ -726,3 +726,141 @@ def build_strategy(name: str, **options: Any) -> Strategy:
             f"valid options are {', '.join(sorted(allowed))}"
         )
     return strategy_class(**normalized)
+
+
+# --- class-centre geometry across nodes ------------------------------------------------------
+
+
+@dataclass
+class SpreadOutResult:
+    """Adjusted class centres of one round and how far apart the nodes' centres are.
+
+    `centres` maps each node to its (C_node, D) float32 rows, unit-normalized for the nodes
+    that took part. `max_cosine_before` and `max_cosine_after` are the largest cosine between
+    two centres of different nodes, before and after the server step (NaN with fewer than two
+    non-empty nodes).
+    """
+
+    centres: dict[str, torch.Tensor]
+    max_cosine_before: float
+    max_cosine_after: float
+    seconds: float
+
+
+class SpreadOut:
+    """Server-side spread-out regularizer on the class centres of nodes that share no people.
+
+    Implements the server step of FedAwS (Yu et al., "Federated Learning with Only Positive
+    Labels", ICML 2020, arXiv:2004.10342), which FedFace (Aggarwal et al., "FedFace:
+    Collaborative Learning of Face Recognition Model", IJCB 2021) applies to face recognition.
+    A node trains on only its own people, so its margin loss separates its own class centres but
+    nothing pushes them away from the centres of other nodes. Each round the server receives
+    every node's centres (the rows of its ArcFace or CosFace head, weights only) and takes
+    `steps` gradient steps of size `lr` on
+
+        reg(W) = sum over pairs (i, j) of centres of different nodes of
+                 max(0, margin - ||w_i - w_j||) ** 2
+
+    with every row normalized to unit length, as the margin heads use them. Each node then
+    continues from its adjusted centres. Differences from the papers: pairs within one node are
+    left out, because the node's own margin loss already separates them, and the rows are
+    renormalized after each step. The regularizer is the sum of the squared hinge over pairs
+    (one term per unordered pair).
+
+    Options:
+        lr: step size of each gradient step (> 0).
+        margin: Euclidean distance below which two unit-length centres repel each other,
+            in (0, 2]. sqrt(2) corresponds to a cosine of 0.
+        steps: gradient steps per round (integer >= 1).
+    """
+
+    def __init__(self, *, lr: float = 0.1, margin: float = math.sqrt(2.0), steps: int = 10) -> None:
+        errors: list[str] = []
+        _check_positive("lr", lr, errors)
+        if (isinstance(margin, bool) or not isinstance(margin, numbers.Real)
+                or not 0 < margin <= 2):
+            errors.append(f"margin must be a number in (0, 2], got {margin!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            errors.append(f"steps must be an integer >= 1, got {steps!r}")
+        if errors:
+            raise ConfigError(
+                "invalid options for the spread-out regularizer: " + "; ".join(errors)
+                + ". Set them with --spreadout-lr, --spreadout-margin and --spreadout-steps"
+            )
+        self.lr, self.margin, self.steps = float(lr), float(margin), steps
+
+    def apply(self, centres: Mapping[str, torch.Tensor]) -> SpreadOutResult:
+        """Return every node's centres after the server step.
+
+        `centres` maps node name to a (C_node, D) tensor. A node with zero rows takes no part
+        and is returned unchanged. When fewer than two nodes have rows, every node is returned
+        unchanged.
+
+        Raises:
+            ValueError: a value is not a 2-D floating-point tensor, the embedding sizes differ,
+                or a row is non-finite or all zeros.
+        """
+        started = time.perf_counter()
+        names = [name for name, rows in centres.items() if _check_centres(name, rows)]
+        if len({centres[name].shape[1] for name in names}) > 1:
+            sizes = {name: centres[name].shape[1] for name in names}
+            raise ValueError(f"class centres of different nodes differ in embedding size: {sizes}")
+        result = {name: rows.detach().clone() for name, rows in centres.items()}
+        if len(names) < 2:
+            nan = float("nan")
+            return SpreadOutResult(result, nan, nan, time.perf_counter() - started)
+
+        stacked = torch.cat([centres[name].detach().to(torch.float32) for name in names])
+        owner = torch.cat([torch.full((len(centres[name]),), index)
+                           for index, name in enumerate(names)])
+        other_node = owner[:, None] != owner[None, :]
+        weights = torch.nn.functional.normalize(stacked, dim=1)
+        before = _max_cross_cosine(weights, other_node)
+        for _ in range(self.steps):
+            weights = weights - self.lr * self._gradient(weights, other_node)
+            weights = torch.nn.functional.normalize(weights, dim=1)
+        after = _max_cross_cosine(weights, other_node)
+
+        start = 0
+        for name in names:
+            count = len(centres[name])
+            # clone() so each node gets its own storage: torch.save of a view writes the whole
+            # stacked tensor, which would send every node all centres.
+            result[name] = weights[start:start + count].to(centres[name].dtype).clone()
+            start += count
+        seconds = time.perf_counter() - started
+        logger.info("spread out %d class centres of %d nodes: max cross-node cosine %.3f -> %.3f",
+                    len(weights), len(names), before, after)
+        return SpreadOutResult(result, before, after, seconds)
+
+    def _gradient(self, weights: torch.Tensor, other_node: torch.Tensor) -> torch.Tensor:
+        """Return the gradient of reg(W) with respect to the unit-length rows of W."""
+        # d/dw_i of the sum over unordered pairs of (margin - d_ij)^2 is
+        # -2 * sum_j c_ij * (w_i - w_j) with c_ij = hinge_ij / d_ij. Distances come from the
+        # Gram matrix (d^2 = 2 - 2 cos for unit rows), so memory stays O(N^2), not O(N^2 D).
+        cosine = weights @ weights.T
+        distance = (2.0 - 2.0 * cosine).clamp_min(0.0).sqrt().clamp_min(1e-12)
+        coefficient = (self.margin - distance).clamp_min(0.0) * other_node / distance
+        return -2.0 * (coefficient.sum(dim=1, keepdim=True) * weights - coefficient @ weights)
+
+
+def _check_centres(name: str, rows: object) -> bool:
+    """Validate one node's centres and return whether it takes part (it has rows)."""
+    if not isinstance(rows, torch.Tensor) or rows.ndim != 2 or not rows.is_floating_point():
+        shape = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+        raise ValueError(
+            f"class centres of node {name!r} must be a 2-D floating-point tensor "
+            f"(classes x embedding size), got {shape}"
+        )
+    if not len(rows):
+        return False
+    if not torch.isfinite(rows).all():
+        raise ValueError(f"class centres of node {name!r} contain NaN or infinity")
+    if bool((rows.norm(dim=1) == 0).any()):
+        raise ValueError(f"class centres of node {name!r} contain an all-zero row")
+    return True
+
+
+def _max_cross_cosine(weights: torch.Tensor, other_node: torch.Tensor) -> float:
+    cosine = weights @ weights.T
+    return float(cosine[other_node].max())

@@ -121,6 +121,16 @@ class FederationConfig(Section):
         0.0, ge=0.0, description="seconds a node may train per round, counted once its data is "
         "loaded; 0 = no limit"
     )
+    spreadout: bool = Field(
+        False, description="spread the nodes' class centres apart on the server after each "
+        "round (FedAwS / FedFace); for partitions where nodes share no people"
+    )
+    spreadout_lr: float = Field(0.1, gt=0.0, description="step size of the spread-out server step")
+    spreadout_margin: float = Field(
+        1.4142, gt=0.0, le=2.0, description="distance between unit-length class centres of "
+        "different nodes below which they repel; 1.4142 = cosine 0"
+    )
+    spreadout_steps: int = Field(10, ge=1, description="gradient steps of the spread-out server step per round")
 
 
 class EvaluationConfig(Section):

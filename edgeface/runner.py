@@ -151,6 +151,7 @@ class LocalRunner:
         self.parallel = 1
         self.faults = parse_faults(os.environ.get("EDGEFACE_FAULTS"))
         self.history: list[dict[str, float]] = []
+        self.spreadout = steps.make_spreadout(config)
         self._lock: IO[str] | None = None
 
     # --- run state ----------------------------------------------------------------------
@@ -613,10 +614,17 @@ class LocalRunner:
                 with steps.timed("bn_calibration", self.timings):
                     aggregated.state = self._calibrate_batchnorm(round_index, aggregated.state,
                                                                  round_dir)
+            spread_metrics: dict[str, float] = {}
+            if self.spreadout is not None:
+                with steps.timed("spreadout", self.timings):
+                    spread_metrics = self._spread_out_centres(round_index, round_dir,
+                                                              aggregated.accepted)
+            traffic = self._round_traffic(round_index, round_dir)
         finally:
             shutil.rmtree(round_dir, ignore_errors=True)
         rejected = len(outcome.rejected) + len(aggregated.rejected)
-        round_metrics = {**aggregated.metrics, "failed_nodes": float(len(outcome.failures)),
+        round_metrics = {**aggregated.metrics, **spread_metrics, **traffic,
+                         "failed_nodes": float(len(outcome.failures)),
                          "rejected_nodes": float(rejected)}
         tracker.log_metrics(parent, round_metrics, step=round_index)
         dropped = outcome.dropped()
@@ -653,12 +661,50 @@ class LocalRunner:
                     sum(count for _, count in stats.values()), len(stats))
         return steps.merge_batchnorm_stats(fused_state, stats)
 
+    def _centres_dir(self, round_index: int) -> Path:
+        return self.run_dir / "server" / "centres" / f"round-{round_index:04d}"
+
+    def _spread_out_centres(self, round_index: int, round_dir: Path,
+                            accepted: list[str]) -> dict[str, float]:
+        """Spread the class centres of the accepted nodes apart and keep them for next round.
+
+        The adjusted centres of round r are kept under `server/centres/round-r` until round
+        r + 1 has used them, so a run resumed from round r's checkpoint sends the same centres.
+        """
+        files = {name: steps.centres_file(round_dir / "updates" / f"{name}.pt") for name in accepted}
+        _, metrics = steps.spreadout_step(self.spreadout, files, self._centres_dir(round_index))
+        for folder in self._centres_dir(round_index).parent.glob("round-*"):
+            if int(folder.name.split("-", 1)[1]) < round_index - 1:
+                shutil.rmtree(folder, ignore_errors=True)
+        return metrics
+
+    def _round_traffic(self, round_index: int, round_dir: Path) -> dict[str, float]:
+        """Return the bytes of the files that nodes downloaded and uploaded in this round.
+
+        Downloads: the global state (to every node), the fused state for the BatchNorm
+        recalibration, and the adjusted class centres. Uploads: backbone updates, class
+        centres, BatchNorm statistics. NOTE: file sizes, without transport overhead.
+        """
+        def size(path: Path) -> int:
+            return path.stat().st_size if path.is_file() else 0
+
+        nodes = len(self.workers)
+        download = nodes * (size(round_dir / "global.pt") + size(round_dir / "fused.pt"))
+        if round_index > 0:
+            download += sum(size(path) for path in self._centres_dir(round_index - 1).glob("*.pt"))
+        upload = sum(size(path) for folder in ("updates", "bn")
+                     for path in (round_dir / folder).glob("*.pt"))
+        return {"download_bytes": float(download), "upload_bytes": float(upload)}
+
     def _train_requests(self, round_index: int, global_path: Path) -> dict[str, dict[str, Any]]:
         updates_dir = global_path.parent / "updates"
         requests = {}
         for name in self.workers:
             request = {"op": "train", "round": round_index, "global_state_path": str(global_path),
                        "update_path": str(updates_dir / f"{name}.pt"), "notify_start": True}
+            centres = self._centres_dir(round_index - 1) / f"{name}.pt"
+            if self.spreadout is not None and round_index > 0 and centres.is_file():
+                request["centres_path"] = str(centres)
             fault = self.faults.get((name, round_index))
             if fault:
                 logger.warning("round %d: injecting fault %r into %s (EDGEFACE_FAULTS)",

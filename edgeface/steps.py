@@ -23,6 +23,7 @@ import torch
 
 from edgeface.aggregation import (
     NodeUpdate,
+    SpreadOut,
     Strategy,
     build_strategy,
     single_thread,
@@ -171,13 +172,17 @@ def train_node(
     update_path: Path,
     config: RunConfig,
     round_index: int,
+    *,
+    centres_path: Path | None = None,
 ) -> dict[str, float]:
     """Train one node for one round starting from the global backbone; write its update.
 
     The node's head after round r is kept as `head-round-r.pt` in `node_state_dir` and loaded
     at round r + 1, so a run resumed from round r's checkpoint starts every node from the same
     head as the uninterrupted run. Returns scalar metrics; the backbone state goes to
-    `update_path`.
+    `update_path`. With `spreadout` on, the head's class centres after training also go to
+    `centres_file(update_path)`, and `centres_path` (the server's adjusted centres of the
+    previous round, if any) replaces the head's rows before training.
     """
     seed = config.seed * 1_000_003 + round_index * 1_009 + _stable_node_number(data.node)
     # Seed before building the model: a new head's initial weights must not depend on the
@@ -189,6 +194,8 @@ def train_node(
     previous_head = head_path(node_state_dir, round_index - 1)
     if round_index > 0 and previous_head.exists():
         model.head.load_state_dict(torch.load(previous_head, weights_only=True))
+    if centres_path is not None:
+        _load_centres(model.head, Path(centres_path))
     if config.federation.fedbn and round_index > 0:
         _load_local_batchnorm(model.backbone, node_state_dir)
     result = train_local(
@@ -198,6 +205,8 @@ def train_node(
     )
     state = {k: v.detach().contiguous() for k, v in model.backbone.state_dict().items()}
     save_atomic(model.head.state_dict(), head_path(node_state_dir, round_index))
+    if config.federation.spreadout:
+        save_atomic(model.head.weight.detach().clone(), centres_file(update_path))
     if config.federation.fedbn:
         save_atomic(state, Path(node_state_dir) / "backbone-local.pt")
     _remove_old_heads(node_state_dir, keep_from=round_index - 1)
@@ -205,6 +214,25 @@ def train_node(
     metrics = asdict(result)
     metrics["lr"] = round_learning_rate(config.train, round_index)
     return {k: float(v) for k, v in metrics.items()}
+
+
+def centres_file(update_path: Path) -> Path:
+    """Return where a node writes its class centres beside its backbone update."""
+    update_path = Path(update_path)
+    return update_path.with_name(f"{update_path.stem}.centres.pt")
+
+
+def _load_centres(head: torch.nn.Module, centres_path: Path) -> None:
+    """Replace the head's class centres with the server's adjusted ones."""
+    centres = torch.load(centres_path, weights_only=True)
+    if not isinstance(centres, torch.Tensor) or centres.shape != head.weight.shape:
+        got = tuple(centres.shape) if isinstance(centres, torch.Tensor) else type(centres).__name__
+        raise DataError(
+            f"adjusted class centres in {centres_path} have shape {got}, but this node's head "
+            f"has {tuple(head.weight.shape)}: the server sent centres of another node or run"
+        )
+    with torch.no_grad():
+        head.weight.copy_(centres)
 
 
 def _stable_node_number(node: str) -> int:
@@ -305,6 +333,38 @@ def make_strategy(config: RunConfig, num_nodes: int) -> Strategy:
     if federation.strategy in ("fedavgm", "fedadam") and federation.server_lr is not None:
         options["server_lr"] = federation.server_lr
     return build_strategy(federation.strategy, **options)
+
+
+def make_spreadout(config: RunConfig) -> SpreadOut | None:
+    """Build the spread-out server step from the config, or return None when `spreadout` is off."""
+    federation = config.federation
+    if not federation.spreadout:
+        return None
+    if config.partition.strategy != "identity":
+        # NOTE: the step does not know which centres belong to the same person, so with shared
+        # people it also pushes apart two nodes' centres of one person.
+        logger.warning("spreadout is on with the %r partition, where nodes share people: the "
+                       "server step also pushes apart centres of the same person on different "
+                       "nodes. It is meant for --partition identity", config.partition.strategy)
+    return SpreadOut(lr=federation.spreadout_lr, margin=federation.spreadout_margin,
+                     steps=federation.spreadout_steps)
+
+
+def spreadout_step(spreadout: SpreadOut, centres_files: dict[str, Path],
+                   out_dir: Path) -> tuple[dict[str, Path], dict[str, float]]:
+    """Load the nodes' class centres, spread them apart, and write one adjusted file per node.
+
+    Returns the adjusted file of each node and the metrics `spreadout_max_cosine_before`,
+    `spreadout_max_cosine_after` and `spreadout_seconds`.
+    """
+    centres = {node: torch.load(path, weights_only=True) for node, path in sorted(centres_files.items())}
+    result = spreadout.apply(centres)
+    written = {node: save_atomic(rows, Path(out_dir) / f"{node}.pt")
+               for node, rows in result.centres.items()}
+    metrics = {"spreadout_max_cosine_before": result.max_cosine_before,
+               "spreadout_max_cosine_after": result.max_cosine_after,
+               "spreadout_seconds": result.seconds}
+    return written, metrics
 
 
 def aggregate_step(strategy: Strategy, global_state: dict[str, torch.Tensor],

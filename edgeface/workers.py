@@ -207,8 +207,10 @@ def _train(connection: Connection, request: dict[str, Any], data: Any, config: A
     # differently in every process.
     torch.manual_seed(zlib.crc32(f"{config.seed}:{data.node}:{round_index}".encode()))
     update_path = Path(request["update_path"])
+    centres_path = request.get("centres_path")
     metrics = steps.train_node(data, Path(request["global_state_path"]), node_state_dir,
-                               update_path, config, round_index)
+                               update_path, config, round_index,
+                               centres_path=Path(centres_path) if centres_path else None)
     if fault == "nan":
         _poison_update(update_path)
     return {"ok": True, "num_samples": int(len(data.labels)), "metrics": metrics,

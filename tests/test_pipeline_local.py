@@ -243,6 +243,12 @@ def test_config_parameter_errors() -> None:
     assert common.load_run_config(config_parameter(config)) == config
 
 
+def test_config_parameter_rejects_spreadout() -> None:
+    config = load_config(None, {"spreadout": True})
+    with pytest.raises(ConfigError, match="spreadout to false"):
+        common.load_run_config(config_parameter(config))
+
+
 def test_cpu_quota_threads(tmp_path: Path) -> None:
     cpu_max = tmp_path / "cpu.max"
     cpu_max.write_text("150000 100000\n")

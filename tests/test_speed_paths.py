@@ -17,7 +17,6 @@ from edgeface.training import (
     resolve_precision,
     train_local,
 )
-from edgeface.workers import release_memory
 
 ZEN4_FLAGS = "flags\t\t: fpu avx2 avx512f avx512bw avx512_bf16 avx512_vnni\n"
 SAPPHIRE_RAPIDS_FLAGS = "flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile amx_int8\n"

@@ -26,6 +26,7 @@ import pytest
 from mlflow_server import MlflowServer
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeface.config import load_config
 from edgeface.errors import ConfigError, RegistryError
 from edgeface.tracking import (
     HTTP_ENV_DEFAULTS,
@@ -329,6 +330,17 @@ def test_log_params_flattens_config(tracker: Tracker) -> None:
     assert params == {"train.lr": "0.05", "train.epochs": "2", "nodes": '["edge-0", "edge-1"]'}
 
 
+def test_log_params_records_spreadout(tracker: Tracker) -> None:
+    config = load_config(overrides={"spreadout": True, "spreadout-lr": 0.2})
+    run_id = tracker.start_parent("spreadout", config.to_dict())
+    tracker.log_metrics(run_id, {"spreadout_max_cosine_after": 0.1}, 0)
+    run = tracker.client.get_run(run_id)
+    assert run.data.params["federation.spreadout"] == "true"
+    assert run.data.params["federation.spreadout-lr"] == "0.2"
+    assert run.data.params["federation.spreadout-margin"] == "1.4142"
+    assert run.data.metrics["spreadout_max_cosine_after"] == pytest.approx(0.1)
+
+
 def test_log_params_truncates_long_values(
     tracker: Tracker, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -597,7 +609,8 @@ def test_registry_lookup_errors(tracker: Tracker, onnx_file: Path) -> None:
 
     with pytest.raises(RegistryError, match="registered model 'no-such-model' not found"):
         registry.get_version("no-such-model", 1)
-    with pytest.raises(RegistryError, match=r"no alias 'Challenger' \(aliases: challenger -> 1\)"):
+    with pytest.raises(RegistryError, match=r"'Challenger' is neither a version number nor an "
+                       r"existing alias.*\(aliases: challenger -> 1\)"):
         registry.get_version("embedder-i", "Challenger")
     with pytest.raises(RegistryError, match="has no version 7"):
         registry.get_version("embedder-i", 7)
