@@ -94,7 +94,7 @@ def export_onnx(backbone: nn.Module, image_size: int, path: Path, opset: int = D
     _check_export_arguments(image_size, opset)
     path = Path(path)
     started = time.perf_counter()
-    model = InferenceModel(copy.deepcopy(backbone).cpu().float()).eval()
+    model = InferenceModel(_with_split_prelu(copy.deepcopy(backbone).cpu().float())).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkstemp: its files have mode 0600, and the renamed model would keep it.
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -112,6 +112,35 @@ def export_onnx(backbone: nn.Module, image_size: int, path: Path, opset: int = D
         path, opset, path.stat().st_size / 2**20, time.perf_counter() - started,
     )
     return path
+
+
+class _SplitPReLU(nn.Module):
+    """PReLU written as relu(x) - a * relu(-x), the same function with other ONNX operators.
+
+    onnxruntime 1.32's PRelu kernel broadcasts the per-channel slope element by element. On a
+    2-core AMD EPYC it took 65% of a batch-1 MobileFaceNet call at 64 px, and this form cut the
+    call from 2.2 ms to 1.0 ms on one thread.
+    """
+
+    def __init__(self, prelu: nn.PReLU) -> None:
+        super().__init__()
+        self.slope = nn.Parameter(prelu.weight.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slope = self.slope
+        if slope.numel() > 1:  # one slope per channel, dimension 1 of the input
+            slope = slope.view(1, -1, *([1] * (x.dim() - 2)))
+        return torch.relu(x) - slope * torch.relu(-x)
+
+
+def _with_split_prelu(module: nn.Module) -> nn.Module:
+    """Replace every nn.PReLU in `module` (in place) with `_SplitPReLU`, and return it."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.PReLU):
+            setattr(module, name, _SplitPReLU(child))
+        else:
+            _with_split_prelu(child)
+    return module
 
 
 def _fsync(path: Path) -> None:

@@ -69,6 +69,10 @@ def backbone(faces: np.ndarray) -> nn.Module:
             module.momentum = 0.1
             module.weight.copy_(1 + 0.2 * torch.randn(module.num_features, generator=generator))
             module.bias.copy_(0.1 * torch.randn(module.num_features, generator=generator))
+        # Per-channel PReLU slopes, so the export's rewrite of PReLU must keep the channels.
+        for module in model.modules():
+            if isinstance(module, nn.PReLU):
+                module.weight.uniform_(0.05, 0.5, generator=generator)
     return model
 
 
@@ -110,6 +114,14 @@ def test_export_writes_checked_self_contained_file(exported: Path) -> None:
 def test_export_keeps_caller_module_unchanged(backbone: nn.Module, exported: Path) -> None:
     assert exported.is_file()
     assert backbone.training
+    assert any(isinstance(module, nn.PReLU) for module in backbone.modules())
+
+
+def test_export_writes_prelu_as_relu(exported: Path) -> None:
+    """onnxruntime's PRelu kernel is slow; the export writes relu(x) - a * relu(-x) instead."""
+    operators = {node.op_type for node in onnx.load(str(exported)).graph.node}
+    assert "PRelu" not in operators
+    assert "Relu" in operators
 
 
 def test_parity_on_lfw_faces(backbone: nn.Module, exported: Path, faces: np.ndarray) -> None:
