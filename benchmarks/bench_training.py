@@ -8,8 +8,8 @@ the default model (MobileFaceNet, 64 px, batch 128) in three variants:
     optimised      channels-last with bf16 autocast (the `precision: bf16` setting)
 
 In the same process it times a large matmul and a large 1x1 convolution in fp32 and in bf16
-as the peak, counts the model's FLOPs per training image with `torch.utils.flop_counter`, and
-reports model FLOP utilisation (MFU): achieved model FLOP/s over the higher of the two peaks
+as the peak. It counts the model's FLOPs per training image with `torch.utils.flop_counter`,
+and reports model FLOP utilisation (MFU): achieved model FLOP/s over the higher of the two peaks
 of the variant's dtype. With `--accuracy-rounds R` it also trains `edgeface run --nodes 1` for R
 rounds on LFW View 1 in fp32 and in bf16 and compares their verification accuracy.
 """

@@ -58,9 +58,9 @@ TRAINING_POD_VALUE = "edge-training"
 PIPELINE_NAMESPACE = "kubeflow"
 # ServiceAccount in PIPELINE_NAMESPACE that pipeline runs use, defined in k8s/base.
 RUNNER_SERVICE_ACCOUNT = "edgeface-pipeline-runner"
-# PersistentVolumeClaim in PIPELINE_NAMESPACE with the dataset that the central data tasks
-# (and, in simulation mode, the edge tasks) mount, and the folder where every k3d node sees the
-# fleet's `dataset-host-path`.
+# PersistentVolumeClaim in PIPELINE_NAMESPACE with the dataset, mounted by the central data
+# tasks and, in simulation mode, by the edge tasks. DATASET_NODE_PATH is the folder where every
+# k3d node mounts the fleet's `dataset-host-path`.
 DATASET_PVC = "edgeface-dataset"
 DATASET_NODE_PATH = "/srv/edgeface/dataset"
 

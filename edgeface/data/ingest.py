@@ -280,7 +280,7 @@ def check_bad_fraction(report: ValidationReport, max_bad_fraction: float, where:
     """Raise DataError when more than `max_bad_fraction` (0..1) of the checked images failed.
 
     `where` names the dataset or node in the message, for example "node-2". `allow_more` ends
-    the message and says how to raise the limit in the caller's command.
+    the message: how to raise the limit in the caller's command.
 
     Raises:
         ConfigError: `max_bad_fraction` is outside 0..1.
