@@ -21,8 +21,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from main_job import machine  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import machine  # noqa: E402
 
 PARTITIONS: dict[str, list[str]] = {
     "identity": ["--partition", "identity"],

@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -31,6 +30,10 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+# Run as `python benchmarks/NAME.py`, so the repository root is not on sys.path yet.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import machine  # noqa: E402
 
 logger = logging.getLogger("lfw_view2")
 
@@ -51,19 +54,6 @@ STATE_VERSION = 1
 
 Trainer = Callable[[int, str, list[str], Path], dict[str, Any]]
 """Train and evaluate one (fold, setting): (fold, setting name, flags, run dir) -> record."""
-
-
-def machine() -> dict[str, object]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "platform": platform.platform()}
 
 
 def edgeface_trainer(data: Path) -> Trainer:

@@ -533,15 +533,9 @@ def register(config_json: str, parent_run_id: str, fingerprint: str, onnx_dir: s
         config, fingerprint=fingerprint, metrics=result["metrics"],
         threshold=result["threshold"], protocol=result["protocol"], parity_ok=parity["ok"],
         max_abs_diff=parity["max_abs_diff"])
-    tracker.log_artifact(parent_run_id, onnx_path)
     with tempfile.TemporaryDirectory(prefix="edgeface-register-") as workdir:
         backbone_file = Path(workdir) / BACKBONE_FILE
         shutil.copyfile(global_path, backbone_file)
-        version = registry.register_version(
-            tracker, parent_run_id, onnx_path, config.tracking.model_name,
-            image_size=config.data.image_size, embedding_dim=config.model.embedding_dim,
-            tags=tags, alias=config.tracking.alias, extra_files=[backbone_file],
-        )
-    logger.info("registered %s version %d with alias %r", version.name, version.version,
-                config.tracking.alias)
+        version = steps.register_model(tracker, parent_run_id, onnx_path, backbone_file, config,
+                                       tags)
     return version.model_uri

@@ -788,19 +788,10 @@ class LocalRunner:
         tags = steps.registration_tags(
             config, fingerprint=fingerprint, metrics=result.metrics(), threshold=threshold,
             protocol=evaluation.plan.name, parity_ok=parity.ok, max_abs_diff=parity.max_abs_diff)
-        # The backbone state travels with the version, so that a pipeline run can warm-start
-        # from a model that `edgeface run` registered.
         backbone_file = self.run_dir / "model" / registry.BACKBONE_FILE
         steps.save_atomic(global_state, backbone_file)
         with steps.timed("register", self.timings):
-            tracker.log_artifact(parent, onnx_path)
-            version = registry.register_version(
-                tracker, parent, onnx_path, config.tracking.model_name,
-                image_size=config.data.image_size, embedding_dim=config.model.embedding_dim,
-                tags=tags, alias=config.tracking.alias, extra_files=[backbone_file],
-            )
-        logger.info("registered %s version %d with alias %r", version.name, version.version,
-                    config.tracking.alias)
+            version = steps.register_model(tracker, parent, onnx_path, backbone_file, config, tags)
         with steps.timed("int8", self.timings):
             int8 = self._publish_int8(tracker, parent, version, onnx_path, evaluation)
         summary = self._summary(tracker, parent, result, threshold, parity, onnx_path, version,

@@ -292,6 +292,29 @@ def registration_tags(config: RunConfig, *, fingerprint: str, metrics: dict[str,
             **{f"edgeface.metric.{key}": value for key, value in metrics.items()}}
 
 
+def register_model(tracker: Any, parent_run_id: str, onnx_path: Path, backbone_file: Path,
+                   config: RunConfig, tags: dict[str, Any]) -> Any:
+    """Log the ONNX file to the parent run and register it with `backbone_file` attached.
+
+    The backbone state travels with the version, so that a pipeline run can warm-start from a
+    model that `edgeface run` registered, and the reverse. Returns the `ModelVersionInfo`.
+
+    Raises:
+        RegistryError: see `edgeface.registry.register_version`.
+    """
+    from edgeface import registry
+
+    tracker.log_artifact(parent_run_id, onnx_path)
+    version = registry.register_version(
+        tracker, parent_run_id, onnx_path, config.tracking.model_name,
+        image_size=config.data.image_size, embedding_dim=config.model.embedding_dim,
+        tags=tags, alias=config.tracking.alias, extra_files=[backbone_file],
+    )
+    logger.info("registered %s version %d with alias %r", version.name, version.version,
+                config.tracking.alias)
+    return version
+
+
 def update_problem(node: str, path: Path, num_samples: int,
                    global_state: dict[str, torch.Tensor]) -> str | None:
     """Return why the update file of `node` cannot be aggregated, or None when it can.
