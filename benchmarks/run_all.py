@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(default 2; 0 skips it)")
     parser.add_argument("--only", nargs="+", choices=NAMES, help="run only these benchmarks")
     args = parser.parse_args(argv)
+
     started = time.perf_counter()
     records: dict[str, Any] = {}
     calls = benchmark_calls(args)
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         began = time.perf_counter()
         records[name] = calls[name]()
         print(f"{name}: done in {time.perf_counter() - began:.0f} s", flush=True)
+
     summary = {"date": utc_now(), "machine": machine(), "quick": args.quick,
                "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - started, 1),
                "records": records}
