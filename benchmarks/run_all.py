@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
                              "(default 2; 0 skips it)")
     parser.add_argument("--only", nargs="+", choices=NAMES, help="run only these benchmarks")
     args = parser.parse_args(argv)
+    # The benchmarks run `edgeface run` in their own output folders, so relative paths
+    # would point elsewhere there.
+    for name in ("lfw", "orl", "flower_data"):
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
 
     started = time.perf_counter()
     records: dict[str, Any] = {}

@@ -276,13 +276,14 @@ def run_node_worker(config: RunConfig, node_name: str, images_root: Path, manife
     worker becomes a failed reply. So the node is reported as failed instead of failing the
     task, and aggregation decides whether the round still has its quorum.
     """
-    from edgeface.workers import NodeProcess, wait_for_reply
+    from edgeface.workers import WorkerProcess, wait_for_reply
 
     threads = config.train.threads_per_worker or cpu_quota_threads() or torch.get_num_threads()
-    worker = NodeProcess(node_name, images_root, manifest_path, config.model_dump(mode="json"),
-                         steps.resolve_cache_dir(config), node_state_dir, threads)
+    worker = WorkerProcess(f"worker-{node_name}", {node_name: (manifest_path, node_state_dir)},
+                           images_root, config.model_dump(mode="json"),
+                           steps.resolve_cache_dir(config), threads)
     try:
-        worker.send(request)
+        worker.send({**request, "node": node_name})
         return wait_for_reply(worker, config.federation.round_timeout)
     finally:
         worker.stop()

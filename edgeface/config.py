@@ -95,8 +95,12 @@ class TrainConfig(Section):
         "bf16 instructions (AVX512_BF16 or AMX-BF16), else fp32"
     )
     channels_last: bool = True
-    threads_per_worker: int = Field(0, ge=0, description="torch threads per node process; 0 = auto")
+    threads_per_worker: int = Field(0, ge=0, description="torch threads per worker process; 0 = auto")
     max_parallel: int = Field(0, ge=0, description="nodes training at once; 0 = one per core")
+    worker_processes: int = Field(
+        0, ge=0, description="local worker processes that host the nodes; 0 = one per node "
+        "training at once; the node count gives each node its own process"
+    )
 
 
 class FederationConfig(Section):

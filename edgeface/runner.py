@@ -41,7 +41,7 @@ from edgeface import __version__, steps
 from edgeface.config import RunConfig
 from edgeface.data.cache import dataset_fingerprint
 from edgeface.errors import DataError, EdgefaceError
-from edgeface.workers import FAULT_KINDS, NodeProcess, plan_parallelism
+from edgeface.workers import FAULT_KINDS, WorkerProcess, plan_parallelism, plan_workers
 
 if TYPE_CHECKING:
     from edgeface.aggregation import Strategy
@@ -145,7 +145,7 @@ class LocalRunner:
         self.progress = progress
         self.cache_dir = steps.resolve_cache_dir(config)
         self.timings: dict[str, float] = {}
-        self.workers: dict[str, NodeProcess] = {}
+        self.workers: dict[str, WorkerProcess] = {}  # node -> the worker hosting it
         # Node name -> MLflow child run id, ended with the parent run.
         self.children: dict[str, str] = {}
         self.parallel = 1
@@ -449,16 +449,22 @@ class LocalRunner:
         parallel, threads = plan_parallelism(len(shards.nodes), self.config.train.max_parallel,
                                              self.config.train.threads_per_worker)
         self.parallel = parallel
-        logger.info("starting %d edge-node workers: %d train at once, %d torch thread(s) each",
-                    len(shards.nodes), parallel, threads)
+        names = [shard.name for shard in shards.nodes]
+        pool = plan_workers(names, parallel, self.config.train.worker_processes)
+        logger.info("%d edge nodes in %d worker process(es): %d train at once, %d torch "
+                    "thread(s) each", len(names), len(pool), parallel, threads)
         config_dict = self.config.model_dump(mode="json")
-        for shard in shards.nodes:
-            node_dir = self.run_dir / "nodes" / shard.name
-            node_dir.mkdir(parents=True, exist_ok=True)
-            self.workers[shard.name] = NodeProcess(
-                shard.name, images_root, self.run_dir / "manifests" / f"{shard.name}.json",
-                config_dict, self.cache_dir, node_dir, threads,
-            )
+        for worker_name, hosted in pool.items():
+            nodes = {}
+            for node in hosted:
+                node_dir = self.run_dir / "nodes" / node
+                node_dir.mkdir(parents=True, exist_ok=True)
+                nodes[node] = (self.run_dir / "manifests" / f"{node}.json", node_dir)
+            worker = WorkerProcess(worker_name, nodes, images_root, config_dict,
+                                   self.cache_dir, threads)
+            logger.debug("%s hosts %s", worker_name, ", ".join(hosted))
+            for node in hosted:
+                self.workers[node] = worker
         with steps.timed("validate_and_cache", self.timings):
             replies = self._dispatch({name: {"op": "prepare"} for name in self.workers},
                                      timeout=0.0, what="validate and cache")
@@ -479,18 +485,24 @@ class LocalRunner:
         """Send requests to nodes, at most `self.parallel` at once, and collect the replies.
 
         A node that dies, raises or exceeds `timeout` seconds (0 = no limit) gets a reply
-        {"ok": False, "error": reason}, and a timed-out node's process is killed. A request
-        with "notify_start" gets `timeout` twice: once to start up and load its data, once to
-        train.
+        {"ok": False, "error": reason}, and the worker process of a timed-out node is killed
+        (the worker's other nodes get a new process at their next request). A request with
+        "notify_start" gets `timeout` twice: once to start up and load its data, once to train.
         """
         pending = sorted(requests)
         running: dict[str, tuple[float, str]] = {}
         replies: dict[str, dict[str, Any]] = {}
         while pending or running:
-            while pending and len(running) < self.parallel:
-                name = pending.pop(0)
-                self.workers[name].send(requests[name])
+            # The first pending node whose worker is free; a worker serves one node at a time.
+            ready = [name for name in pending if not self.workers[name].busy]
+            while ready and len(running) < self.parallel:
+                name = ready.pop(0)
+                pending.remove(name)
+                self.workers[name].send({**requests[name], "node": name})
                 running[name] = (time.monotonic(), "while starting up and loading its data")
+                ready = [other for other in ready if not self.workers[other].busy]
+            if pending and not running:
+                raise RuntimeError(f"no free worker for {', '.join(pending)}")  # a bug if seen
             finished = set(replies)
             self._collect(running, replies, timeout)
             # Failures are logged as they happen, not when the slowest node is done.
@@ -526,7 +538,7 @@ class LocalRunner:
                 del running[name]
 
     def _stop_workers(self) -> None:
-        for worker in self.workers.values():
+        for worker in {id(worker): worker for worker in self.workers.values()}.values():
             worker.stop()
 
     # --- rounds -------------------------------------------------------------------------

@@ -1,11 +1,20 @@
 """Edge-node worker processes for the local runner.
 
-Each edge node is one long-lived process (spawn start method) that holds only its own shard:
-it validates and caches its images, then trains one round per request. Requests and replies
-on its pipe are small dicts; weights travel as files (`global_state_path` in, `update_path`
-out), never through the pipe. Raw images never cross the pipe either, and
-`_check_reply_payload` enforces that by rejecting anything that is not a scalar, a string, or a
-short list or dict of them.
+Edge nodes run in a pool of long-lived worker processes (spawn start method). By default the
+pool has one process per node that trains at once, so a 4-node run on 2 cores has 2 workers
+that host 2 nodes each. With `worker-processes` set to the node count, every node gets its own
+process.
+
+A worker serves one request at a time, and every request names its node. The worker validates
+and caches that node's images, then trains one round of that node per request. It keeps each
+hosted node's data apart (one memory-mapped cache per node), and a request for node X only
+touches X's data, head and state folder. So a node trained in a shared process ends with the
+same weights as in a process of its own (`tests/test_pool.py`).
+
+Requests and replies on the pipe are small dicts. Weights travel as files
+(`global_state_path` in, `update_path` out), never through the pipe. Raw images never cross
+the pipe either, and `_check_reply_payload` enforces that by rejecting anything that is not a
+scalar, a string, or a short list or dict of them.
 
 A worker never outlives its coordinator. On Linux it asks the kernel to send it SIGKILL when
 the coordinator dies (`PR_SET_PDEATHSIG`), so even a coordinator killed with SIGKILL leaves
@@ -64,6 +73,22 @@ def plan_parallelism(nodes: int, max_parallel: int, threads_per_worker: int) -> 
     parallel = max(1, min(parallel, nodes))
     threads = threads_per_worker or max(1, cores // parallel)
     return parallel, threads
+
+
+def plan_workers(nodes: list[str], parallel: int, processes: int) -> dict[str, list[str]]:
+    """Return {worker name: hosted nodes}: the worker pool for `nodes` in their given order.
+
+    `processes` 0 gives one worker per node that trains at once (`parallel`), so no more
+    processes hold the torch runtime and a model than the cores can keep busy. Otherwise
+    there are `processes` workers, at least `parallel` and at most one per node. Node i goes to
+    worker i mod the pool size, so the hosting is the same in every run and on resume.
+    """
+    size = max(parallel, processes) if processes else parallel
+    size = max(1, min(size, len(nodes)))
+    pool: dict[str, list[str]] = {f"worker-{index}": [] for index in range(size)}
+    for index, node in enumerate(nodes):
+        pool[f"worker-{index % size}"].append(node)
+    return pool
 
 
 def release_memory() -> bool:
@@ -128,18 +153,33 @@ def _check_reply_payload(value: Any, depth: int = 0) -> None:
     raise TypeError(f"a node reply may not carry {type(value).__name__} values")
 
 
-def worker_main(connection: Connection, node: str, images_root: str, manifest_path: str,
-                config_dict: dict[str, Any], cache_dir: str, node_state_dir: str,
-                threads: int, log_level: int) -> None:
-    """Serve `prepare`, `train` and `stop` requests for one edge node until it receives `stop`.
+class _NodeLogFilter(logging.Filter):
+    """Prefix a worker's log records with the node whose request it is serving."""
 
-    The worker also exits when the coordinator closes the pipe or dies.
+    node = "-"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node = self.node
+        return True
+
+
+def worker_main(connection: Connection, name: str, nodes: dict[str, tuple[str, str]],
+                images_root: str, config_dict: dict[str, Any], cache_dir: str, threads: int,
+                log_level: int) -> None:
+    """Serve `prepare`, `train`, `calibrate` and `stop` requests until it receives `stop`.
+
+    `nodes` maps each hosted node to (manifest path, node state folder). Every request but
+    `stop` names its node in "node". The worker also exits when the coordinator closes the
+    pipe or dies.
     """
     # The coordinator handles Ctrl-C and stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_coordinator()
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s {node}: %(message)s",
+    node_filter = _NodeLogFilter()
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(node)s: %(message)s",
                         datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(node_filter)
     import torch
 
     # The same thread count in every process of a run, a restarted one included, keeps
@@ -149,33 +189,41 @@ def worker_main(connection: Connection, node: str, images_root: str, manifest_pa
     from edgeface.config import RunConfig
 
     config = RunConfig.model_validate(config_dict)
-    shard = steps.load_node_shard(Path(manifest_path))
-    data = None
+    hosted: dict[str, Any] = {}  # node -> its prepared data, loaded at the node's first request
+
+    def node_data(node: str) -> Any:
+        if node not in hosted:
+            shard = steps.load_node_shard(Path(nodes[node][0]))
+            hosted[node] = steps.prepare_node(Path(images_root), shard, config, Path(cache_dir))
+        return hosted[node]
+
     while True:
         try:
             request = connection.recv()
         except EOFError:
-            logger.warning("the coordinator closed the connection; stopping")
+            logger.warning("the coordinator closed the connection; %s stops", name)
             break
         operation = request.get("op")
         if operation == "stop":
             break
+        node = request.get("node")
+        node_filter.node = node if node in nodes else name
         try:
-            if operation == "prepare":
-                data = steps.prepare_node(Path(images_root), shard, config, Path(cache_dir))
+            if node not in nodes:
+                reply = {"ok": False, "error": f"{name} does not host node {node!r} "
+                         f"(it hosts {', '.join(sorted(nodes))})"}
+                logger.error("rejected a %s request: %s", operation, reply["error"])
+            elif operation == "prepare":
+                data = node_data(node)
                 reply = {"ok": True, "num_samples": int(len(data.labels)),
                          "identities": len(data.identities), "checked": data.checked,
                          "bad": [list(item) for item in data.bad], "cache_hit": data.cache_hit}
             elif operation == "train":
-                if data is None:
-                    data = steps.prepare_node(Path(images_root), shard, config, Path(cache_dir))
-                reply = _train(connection, request, data, config, Path(node_state_dir))
+                reply = _train(connection, request, node_data(node), config, Path(nodes[node][1]))
             elif operation == "calibrate":
-                if data is None:
-                    data = steps.prepare_node(Path(images_root), shard, config, Path(cache_dir))
                 count = steps.calibrate_batchnorm(
-                    data, Path(request["global_state_path"]), Path(request["stats_path"]),
-                    config, int(request["round"]),
+                    node_data(node), Path(request["global_state_path"]),
+                    Path(request["stats_path"]), config, int(request["round"]),
                 )
                 reply = {"ok": True, "num_samples": count, "stats_path": request["stats_path"]}
             else:
@@ -185,6 +233,7 @@ def worker_main(connection: Connection, node: str, images_root: str, manifest_pa
                      "traceback": traceback.format_exc(limit=5)}
         _check_reply_payload(reply)
         connection.send(reply)
+        node_filter.node = name
         release_memory()
 
 
@@ -260,24 +309,30 @@ def _poison_update(update_path: Path) -> None:
     steps.save_atomic(state, update_path)
 
 
-class NodeProcess:
-    """Coordinator-side handle of one edge-node worker process.
+class WorkerProcess:
+    """Coordinator-side handle of one worker process and the edge nodes it hosts.
 
-    `send` starts the process when it is not running, so a node whose process died or was
-    killed is restarted by its next request.
+    `nodes` maps each hosted node to (manifest path, node state folder). `send` starts the
+    process when it is not running, so a worker whose process died or was killed is restarted
+    by its next request. A worker serves one request at a time: `busy` is True from `send`
+    until the reply arrives.
     """
 
-    def __init__(self, node: str, images_root: Path, manifest_path: Path,
-                 config_dict: dict[str, Any], cache_dir: Path, node_state_dir: Path,
-                 threads: int) -> None:
-        self.node = node
-        self._arguments = (node, str(images_root), str(manifest_path), config_dict,
-                           str(cache_dir), str(node_state_dir), threads,
+    def __init__(self, name: str, nodes: dict[str, tuple[Path, Path]], images_root: Path,
+                 config_dict: dict[str, Any], cache_dir: Path, threads: int) -> None:
+        self.name = name
+        self.nodes = sorted(nodes)
+        hosted = {node: (str(manifest), str(state)) for node, (manifest, state) in nodes.items()}
+        self._arguments = (name, hosted, str(images_root), config_dict, str(cache_dir), threads,
                            logging.getLogger().getEffectiveLevel())
         self.process: multiprocessing.process.BaseProcess | None = None
         self.connection: Connection | None = None
         self.busy_since: float | None = None
         self.starts = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.busy_since is not None
 
     @property
     def pid(self) -> int | None:
@@ -287,16 +342,17 @@ class NodeProcess:
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
         self.process = context.Process(target=worker_main, args=(child, *self._arguments),
-                                       name=f"edgeface-{self.node}", daemon=True)
+                                       name=f"edgeface-{self.name}", daemon=True)
         self.process.start()
         child.close()
         self.connection = parent
         self.starts += 1
         if self.starts > 1:
-            logger.info("restarted the worker of %s (pid %s); it reloads its data from the cache",
-                        self.node, self.process.pid)
+            logger.info("restarted %s (pid %s) for %s; it reloads their data from the cache",
+                        self.name, self.process.pid, ", ".join(self.nodes))
         else:
-            logger.debug("started worker for %s (pid %s)", self.node, self.process.pid)
+            logger.debug("started %s (pid %s) for %s", self.name, self.process.pid,
+                         ", ".join(self.nodes))
 
     def is_alive(self) -> bool:
         return self.process is not None and self.process.is_alive()
@@ -369,8 +425,8 @@ class NodeProcess:
         self.busy_since = None
 
 
-def wait_for_reply(worker: NodeProcess, timeout: float) -> dict[str, Any]:
-    """Wait for the reply of a `NodeProcess` to a train request with "notify_start".
+def wait_for_reply(worker: WorkerProcess, timeout: float) -> dict[str, Any]:
+    """Wait for the reply of a `WorkerProcess` to a train request with "notify_start".
 
     As in the local runner, the worker gets `timeout` seconds (0 = no limit) to start up and
     load its data, and `timeout` seconds again from the moment it reports that training

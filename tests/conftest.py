@@ -1,6 +1,8 @@
 """Shared fixtures: locations of the real face datasets that tests read in place."""
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,18 @@ def lfw_dir(shared_data_dir: Path) -> Path:
 def orl_dir(shared_data_dir: Path) -> Path:
     """AT&T/ORL folder: `s1/` ... `s40/`, ten PGM images each."""
     return shared_data_dir / "att_faces"
+
+
+@contextmanager
+def run_workdir(path: Path) -> Iterator[Path]:
+    """Make `path` the working directory of local runs: ./mlflow.db, ./cache, run folders.
+
+    It also clears the tracking URI and the fault injection of the environment.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(path)
+        patch.setenv("EDGEFACE_CACHE_DIR", str(path / "cache"))
+        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.delenv("EDGEFACE_FAULTS", raising=False)
+        yield path

@@ -24,6 +24,7 @@ from edgeface.config import RunConfig, load_config
 from edgeface.errors import EdgefaceError, QuorumError
 from edgeface.runner import LocalRunner, TrainingResult
 from edgeface.tracking import ModelRegistry, Tracker, resolve_tracking_uri
+from conftest import run_workdir
 
 # Both nodes must report in every round, so one bad update fails the round.
 OVERRIDES = {"nodes": 2, "rounds": 2, "image-size": 32, "batch-size": 16, "local-epochs": 1,
@@ -42,12 +43,7 @@ def tiny_config() -> RunConfig:
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A working directory shared by the module: ./mlflow.db, ./cache and the run folders."""
     path = tmp_path_factory.mktemp("resume")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(path)
-        patch.setenv("EDGEFACE_CACHE_DIR", str(path / "cache"))
-        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        patch.delenv("EDGEFACE_FAULTS", raising=False)
+    with run_workdir(path):
         yield path
 
 

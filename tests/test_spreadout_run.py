@@ -11,6 +11,7 @@ import torch
 from edgeface.config import RunConfig, load_config
 from edgeface.errors import QuorumError
 from edgeface.runner import LocalRunner, TrainingResult
+from conftest import run_workdir
 
 OVERRIDES = {"nodes": 2, "rounds": 3, "image-size": 32, "batch-size": 16, "local-epochs": 1,
              "min-fraction": 1.0, "eval-every": 0, "spreadout": True, "spreadout-lr": 0.5}
@@ -23,12 +24,7 @@ def spreadout_config() -> RunConfig:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("spreadout-run")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(path)
-        patch.setenv("EDGEFACE_CACHE_DIR", str(path / "cache"))
-        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        patch.delenv("EDGEFACE_FAULTS", raising=False)
+    with run_workdir(path):
         yield path
 
 

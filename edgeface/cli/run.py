@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "run",
         help="train a federated face model end to end on this machine",
         description=(
-            "Partition a face dataset across edge nodes, train every node in its own process, "
+            "Partition a face dataset across edge nodes, train the nodes in local worker processes, "
             "fuse the node models for R rounds, evaluate, export to ONNX and register the model "
             "in MLflow. Every config key can be overridden by a flag of the same name."
         ),
