@@ -98,8 +98,8 @@ class TrainConfig(Section):
     threads_per_worker: int = Field(0, ge=0, description="torch threads per worker process; 0 = auto")
     max_parallel: int = Field(0, ge=0, description="nodes training at once; 0 = one per core")
     worker_processes: int = Field(
-        0, ge=0, description="local worker processes that host the nodes; 0 = one per node "
-        "training at once; the node count gives each node its own process"
+        0, ge=0, description="local worker processes that host the nodes, at least max-parallel; "
+        "0 = one per node training at once; the node count gives each node its own process"
     )
 
 

@@ -85,6 +85,10 @@ def plan_workers(nodes: list[str], parallel: int, processes: int) -> dict[str, l
     """
     size = max(parallel, processes) if processes else parallel
     size = max(1, min(size, len(nodes)))
+    if 0 < processes < size:
+        logger.warning("worker-processes %d is below the %d nodes that train at once, so the "
+                       "pool has %d worker processes: set max-parallel to %d as well to get %d",
+                       processes, parallel, size, processes, processes)
     pool: dict[str, list[str]] = {f"worker-{index}": [] for index in range(size)}
     for index, node in enumerate(nodes):
         pool[f"worker-{index % size}"].append(node)

@@ -37,6 +37,20 @@ def test_plan_workers(nodes: int, parallel: int, processes: int,
     assert plan_workers(names, parallel, processes) == expected
 
 
+def test_plan_workers_warns_when_raised(caplog: pytest.LogCaptureFixture) -> None:
+    names = [f"n{index}" for index in range(4)]
+    with caplog.at_level(logging.WARNING, logger="edgeface.workers"):
+        assert len(plan_workers(names, 2, 1)) == 2
+    assert "worker-processes 1 is below the 2 nodes that train at once" in caplog.text
+    assert "set max-parallel to 1 as well" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edgeface.workers"):
+        plan_workers(names, 2, 0)
+        plan_workers(names, 2, 2)
+        plan_workers(names, 2, 9)
+    assert caplog.text == ""
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("pool")
