@@ -7,9 +7,10 @@ process.
 
 A worker serves one request at a time, and every request names its node. The worker validates
 and caches that node's images, then trains one round of that node per request. It keeps each
-hosted node's data apart (one memory-mapped cache per node), and a request for node X only
-touches X's data, head and state folder. So a node trained in a shared process ends with the
-same weights as in a process of its own (`tests/test_pool.py`).
+hosted node's data apart (an in-memory copy of each node's cache, loaded at the node's first
+request), and a request for node X only touches X's data, head and state folder. So a node
+trained in a shared process ends with the same weights as in a process of its own
+(`tests/test_pool.py`).
 
 Requests and replies on the pipe are small dicts. Weights travel as files
 (`global_state_path` in, `update_path` out), never through the pipe. Raw images never cross
