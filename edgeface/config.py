@@ -183,8 +183,17 @@ class RunConfig(Section):
 
     def config_hash(self) -> str:
         """Return a short hash of everything that affects the trained model."""
-        payload = json.dumps(self.to_dict(), sort_keys=True).encode()
+        settings = self.to_dict()
+        for section, key in UNHASHED_KEYS:
+            settings[section].pop(key)
+        payload = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:16]
+
+
+# Keys left out of `config_hash` because they do not change the trained weights: which worker
+# process hosts a node does not (tests/test_pool.py). Runs made before the key existed keep
+# their hash, so they can still be resumed.
+UNHASHED_KEYS = (("train", "worker-processes"),)
 
 
 SECTIONS = {name: field.annotation for name, field in RunConfig.model_fields.items()

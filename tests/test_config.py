@@ -163,3 +163,10 @@ def test_cli_bad_config_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     for key in ("train.rounds", "train.bogus", "train.lr"):
         assert key in caplog.text, key
     assert not (tmp_path / "run").exists()
+
+
+def test_config_hash_ignores_worker_processes() -> None:
+    pooled = load_config()
+    own = load_config(overrides={"worker-processes": 4})
+    assert own.train.worker_processes == 4
+    assert own.config_hash() == pooled.config_hash()
