@@ -493,7 +493,7 @@ class LocalRunner:
         running: dict[str, tuple[float, str]] = {}
         replies: dict[str, dict[str, Any]] = {}
         while pending or running:
-            # The first pending node whose worker is free; a worker serves one node at a time.
+            # Only pending nodes whose worker is free, because a worker serves one node at a time.
             ready = [name for name in pending if not self.workers[name].busy]
             while ready and len(running) < self.parallel:
                 name = ready.pop(0)
@@ -502,7 +502,8 @@ class LocalRunner:
                 running[name] = (time.monotonic(), "while starting up and loading its data")
                 ready = [other for other in ready if not self.workers[other].busy]
             if pending and not running:
-                raise RuntimeError(f"no free worker for {', '.join(pending)}")  # a bug if seen
+                raise RuntimeError(f"internal error: nodes {', '.join(pending)} wait, but no "
+                                   "worker is free and none is training")
             finished = set(replies)
             self._collect(running, replies, timeout)
             # Failures are logged as they happen, not when the slowest node is done.

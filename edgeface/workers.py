@@ -206,7 +206,7 @@ def worker_main(connection: Connection, name: str, nodes: dict[str, tuple[str, s
         try:
             request = connection.recv()
         except EOFError:
-            logger.warning("the coordinator closed the connection; %s stops", name)
+            logger.warning("the coordinator closed the connection, so %s stops", name)
             break
         operation = request.get("op")
         if operation == "stop":
