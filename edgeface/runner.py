@@ -146,6 +146,7 @@ class LocalRunner:
         self.cache_dir = steps.resolve_cache_dir(config)
         self.timings: dict[str, float] = {}
         self.workers: dict[str, WorkerProcess] = {}  # node -> the worker hosting it
+        self.pool: list[WorkerProcess] = []
         # Node name -> MLflow child run id, ended with the parent run.
         self.children: dict[str, str] = {}
         self.parallel = 1
@@ -463,6 +464,7 @@ class LocalRunner:
             worker = WorkerProcess(worker_name, nodes, images_root, config_dict,
                                    self.cache_dir, threads)
             logger.debug("%s hosts %s", worker_name, ", ".join(hosted))
+            self.pool.append(worker)
             for node in hosted:
                 self.workers[node] = worker
         with steps.timed("validate_and_cache", self.timings):
@@ -539,7 +541,7 @@ class LocalRunner:
                 del running[name]
 
     def _stop_workers(self) -> None:
-        for worker in {id(worker): worker for worker in self.workers.values()}.values():
+        for worker in self.pool:
             worker.stop()
 
     # --- rounds -------------------------------------------------------------------------
