@@ -61,36 +61,34 @@ def load_run_config(config_json: str) -> RunConfig:
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise ConfigError(f"invalid pipeline parameter config_json: {problems}") from None
-    # TODO: pass the class centres between the training and aggregation tasks as artifacts.
-    if config.federation.spreadout:
-        raise ConfigError("invalid pipeline parameter config_json: federation.spreadout is true, "
-                          "but only `edgeface run` implements the spread-out server step; set "
-                          "spreadout to false for the pipeline")
     return config
 
 
 def check_compiled_shape(config: RunConfig, nodes: int, rounds: int, eval_every: int,
-                         calibration: bool) -> None:
+                         calibration: bool, spreadout: bool) -> None:
     """Reject a config whose node count, rounds or schedule differ from the compiled DAG's.
 
     The pipeline has one training task per node and round, one evaluation task per evaluated
-    round, and BatchNorm calibration tasks when `bn-calibration-images` is above 0. All are
-    fixed when it is compiled, so these values cannot change per run.
+    round, BatchNorm calibration tasks when `bn-calibration-images` is above 0, and the class
+    centre artifacts between rounds when `spreadout` is on. All are fixed when it is compiled,
+    so these values cannot change per run.
 
     Raises:
         ConfigError: naming each value that differs.
     """
     compiled = {"nodes": nodes, "rounds": rounds, "eval-every": eval_every,
-                "bn-calibration on": calibration}
+                "bn-calibration on": calibration, "spreadout": spreadout}
     given = {"nodes": config.partition.nodes, "rounds": config.train.rounds,
              "eval-every": config.evaluation.eval_every,
-             "bn-calibration on": config.federation.bn_calibration_images > 0}
+             "bn-calibration on": config.federation.bn_calibration_images > 0,
+             "spreadout": config.federation.spreadout}
     changed = [f"{key} {given[key]} (compiled with {value})"
                for key, value in compiled.items() if given[key] != value]
     if changed:
         raise ConfigError(
             f"config_json does not match the compiled pipeline: {', '.join(changed)}. Compile "
-            "a new pipeline with `edgeface pipeline compile --rounds R` and the config file"
+            "a new pipeline from this config with `edgeface pipeline compile --config FILE "
+            "--rounds R`, or pass a config_json with the compiled values"
         )
 
 
@@ -154,6 +152,30 @@ def bundle(items: list[tuple[str, str]], merge: bool, out_dir: str) -> list[str]
             else:
                 shutil.copyfile(source, target)
     return sorted(entry.name for entry in out.iterdir())
+
+
+def split_bundle(bundle_dir: str, names: list[str], out_paths: list[str]) -> None:
+    """Copy entry `names[i]` of a bundle to `out_paths[i]`, the reverse of `bundle`.
+
+    Raises:
+        DataError: the bundle has no entry of a name, or `names` and `out_paths` differ in
+            length.
+    """
+    if len(names) != len(out_paths):
+        raise DataError(f"cannot split a bundle into {len(out_paths)} artifacts by "
+                        f"{len(names)} names: {names}")
+    source_dir = Path(bundle_dir)
+    for name, out_path in zip(names, out_paths):
+        source = source_dir / name
+        if not source.exists():
+            present = sorted(entry.name for entry in source_dir.iterdir())
+            raise DataError(f"bundle {source_dir} has no entry {name!r} (it has {present}): "
+                            "check the logs of the task that wrote it")
+        if source.is_dir():
+            shutil.copytree(source, out_path, dirs_exist_ok=True)
+        else:
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, out_path)
 
 
 # --- the MLflow parent run ------------------------------------------------------------------

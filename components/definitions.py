@@ -21,17 +21,20 @@ from kfp.dsl.base_component import BaseComponent
 DEFAULT_IMAGE = "edgeface:0.1.0"
 # Slots of `bundle_artifacts`. Fan-in of more artifacts uses a tree of bundle tasks.
 MAX_FAN_IN = 8
+# Output slots of `split_bundle`. Splitting into more artifacts uses several split tasks.
+MAX_FAN_OUT = 8
 
 
 def prepare_evaluation_set(config_json: str, dataset_dir: str, compiled_nodes: int,
                            compiled_rounds: int, compiled_eval_every: int,
-                           compiled_calibration: bool, evaluation_set: Output[Artifact],
-                           exclusions: Output[Artifact]):
+                           compiled_calibration: bool, compiled_spreadout: bool,
+                           evaluation_set: Output[Artifact], exclusions: Output[Artifact]):
     """Check the config against the compiled pipeline and preprocess the evaluation images."""
     from components import common, runtime
 
     common.configure_logging()
-    shape = (compiled_nodes, compiled_rounds, compiled_eval_every, compiled_calibration)
+    shape = (compiled_nodes, compiled_rounds, compiled_eval_every, compiled_calibration,
+             compiled_spreadout)
     metadata = runtime.prepare_evaluation_set(config_json, dataset_dir, shape,
                                               evaluation_set.path, exclusions.path)
     evaluation_set.metadata.update(metadata)
@@ -88,6 +91,30 @@ def bundle_artifacts(names_json: str, merge: bool, bundle: Output[Artifact],
     bundle.metadata["entries"] = len(entries)
 
 
+def split_bundle(names_json: str, bundle: Input[Artifact], item_0: Output[Artifact],
+                 item_1: Output[Artifact], item_2: Output[Artifact], item_3: Output[Artifact],
+                 item_4: Output[Artifact], item_5: Output[Artifact], item_6: Output[Artifact],
+                 item_7: Output[Artifact]):
+    """Copy the bundle entries named by `names_json` (up to 8) to their own artifacts, in order.
+
+    Slots past the last name stay unwritten; the KFP launcher allows outputs without files.
+    """
+    import json
+
+    from components import common
+    from edgeface.errors import DataError
+
+    common.configure_logging()
+    slots = [item_0, item_1, item_2, item_3, item_4, item_5, item_6, item_7]
+    names = json.loads(names_json)
+    if len(names) > len(slots):
+        raise DataError(f"cannot split {len(names)} entries with one task of {len(slots)} "
+                        "slots: the pipeline builder groups them by 8")
+    common.split_bundle(bundle.path, names, [slot.path for slot in slots[:len(names)]])
+    for name, slot in zip(names, slots):
+        slot.metadata["entry"] = name
+
+
 def start_run(config_json: str, data_mode: str, kfp_run_id: str, run_name: str,
               reports: Input[Artifact], partition: Optional[Input[Artifact]] = None
               ) -> NamedTuple("Outputs", [("parent_run_id", str), ("dataset_fingerprint", str)]):
@@ -117,8 +144,12 @@ def resolve_initial_model(config_json: str, warm_start_alias: str, parent_run_id
 
 def train_edge_node(config_json: str, node_name: str, round_index: int, data_dir: str,
                     manifest: Input[Artifact], global_model: Input[Model], update: Output[Model],
-                    node_state: Output[Artifact], previous_node_state: Optional[Input[Artifact]] = None):
-    """Train one edge node for one round, on that node, starting from the global model."""
+                    node_state: Output[Artifact], previous_node_state: Optional[Input[Artifact]] = None,
+                    centres: Optional[Input[Artifact]] = None):
+    """Train one edge node for one round, on that node, starting from the global model.
+
+    With spreadout on, `centres` is this node's adjusted class centres of the previous round.
+    """
     from components import common, runtime
 
     common.configure_logging()
@@ -126,6 +157,7 @@ def train_edge_node(config_json: str, node_name: str, round_index: int, data_dir
         config_json, node_name, round_index, data_dir, manifest.path, global_model.path,
         previous_node_state.path if previous_node_state is not None else None,
         node_state.path, update.path,
+        centres_in=centres.path if centres is not None else None,
     )
     update.metadata.update(metadata)
 
@@ -157,18 +189,28 @@ def merge_batchnorm(config_json: str, round_index: int, fused_model: Input[Model
 def aggregate(config_json: str, round_index: int, parent_run_id: str,
               global_model: Input[Model], updates: Input[Artifact], next_global_model: Output[Model],
               server_state: Output[Artifact], round_metrics: Output[Metrics],
+              adjusted_centres: Output[Artifact],
               previous_server_state: Optional[Input[Artifact]] = None):
-    """Fuse one round's node updates, if enough nodes reported, into the next global model."""
+    """Fuse one round's node updates, if enough nodes reported, into the next global model.
+
+    With spreadout on, it also spreads the nodes' class centres apart into `adjusted_centres`.
+    """
+    import math
+
     from components import common, runtime
 
     common.configure_logging()
     metrics = runtime.aggregate(
         config_json, round_index, parent_run_id, global_model.path, updates.path,
         previous_server_state.path if previous_server_state is not None else None,
-        next_global_model.path, server_state.path,
+        next_global_model.path, server_state.path, adjusted_centres.path,
     )
+    # A spread-out metric is NaN in a round with fewer than two nodes. Standard JSON, the
+    # format of the executor output, has no NaN, so non-finite values stay out of the KFP
+    # metrics. MLflow gets them as run tags (see `Tracker.log_metrics`).
     for name, value in metrics.items():
-        round_metrics.log_metric(name, value)
+        if math.isfinite(value):
+            round_metrics.log_metric(name, value)
 
 
 def evaluate(config_json: str, round_index: int, parent_run_id: str, global_model: Input[Model],
@@ -223,6 +265,7 @@ class Components:
     partition_dataset: BaseComponent
     validate_and_cache: BaseComponent
     bundle_artifacts: BaseComponent
+    split_bundle: BaseComponent
     start_run: BaseComponent
     resolve_initial_model: BaseComponent
     train_edge_node: BaseComponent
@@ -236,7 +279,7 @@ class Components:
 
 
 _FUNCTIONS = (prepare_evaluation_set, partition_dataset, validate_and_cache, bundle_artifacts,
-              start_run, resolve_initial_model, train_edge_node, aggregate, calibrate_batchnorm,
+              split_bundle, start_run, resolve_initial_model, train_edge_node, aggregate, calibrate_batchnorm,
               merge_batchnorm, evaluate,
               export_onnx, register, finish_run)
 

@@ -13,8 +13,12 @@ Artifact layouts, all written by this module or `components.common`:
     node manifest       a folder: <node>.json as written by Partition.write_manifests
     node report         a file: JSON with image counts, unreadable files and the fingerprint
     node state          a folder: the node's classification head (and local BatchNorm)
-    node update         a folder: update.json, plus state.pt when training succeeded
+    node update         a folder: update.json, plus state.pt when training succeeded, and
+                        with spreadout on state.centres.pt: the rows of the node's head
     bundle              a folder: one entry per node, named after the node
+    adjusted centres    a folder: centres.json (node, round, adjusted or not), plus
+                        centres.pt with the node's own adjusted rows when it was adjusted.
+                        `aggregate` writes a bundle of these, one per node of the round
     evaluation set      a folder: images.npy (uint8 N x S x S x 3) and plan.json
     evaluation result   a file: JSON with the metrics, the threshold and the protocol
     ONNX model          a folder: edgeface.onnx and parity.json
@@ -58,6 +62,8 @@ BACKBONE_FILE = registry.BACKBONE_FILE
 ONNX_FILE = "edgeface.onnx"
 UPDATE_INFO_FILE = "update.json"
 UPDATE_STATE_FILE = "state.pt"
+CENTRES_INFO_FILE = "centres.json"
+CENTRES_FILE = "centres.pt"
 # MLflow 3.17.2 accepts tag values up to 8,000 characters; failure reasons are cut well below.
 MAX_REASON_CHARS = 2000
 
@@ -123,12 +129,12 @@ def evaluation_exclusions(plan: EvaluationPlan) -> dict[str, list[str]]:
 
 
 def prepare_evaluation_set(config_json: str, dataset_dir: str,
-                           shape: tuple[int, int, int, bool], out_dir: str,
+                           shape: tuple[int, int, int, bool, bool], out_dir: str,
                            exclusions_path: str) -> dict[str, Any]:
     """Check the config, choose the protocol on `dataset_dir` and preprocess its evaluation images.
 
-    `shape` is (nodes, rounds, eval-every, BatchNorm calibration on) of the compiled pipeline.
-    Returns artifact metadata.
+    `shape` is (nodes, rounds, eval-every, BatchNorm calibration on, spreadout on) of the
+    compiled pipeline. Returns artifact metadata.
     """
     config = load_run_config(config_json)
     check_compiled_shape(config, *shape)
@@ -256,12 +262,14 @@ def copy_node_state(previous: str | None, out_dir: str) -> Path:
     return out
 
 
-def _train_request(node_name: str, round_index: int, global_path: str,
-                   update_path: Path) -> dict[str, Any]:
+def _train_request(node_name: str, round_index: int, global_path: str, update_path: Path,
+                   centres_path: Path | None) -> dict[str, Any]:
     from edgeface.runner import parse_faults
 
     request = {"op": "train", "round": round_index, "global_state_path": global_path,
                "update_path": str(update_path), "notify_start": True}
+    if centres_path is not None:
+        request["centres_path"] = str(centres_path)
     fault = parse_faults(os.environ.get("EDGEFACE_FAULTS")).get((node_name, round_index))
     if fault:
         request["fail"] = fault
@@ -289,22 +297,53 @@ def run_node_worker(config: RunConfig, node_name: str, images_root: Path, manife
         worker.stop()
 
 
+def adjusted_centres(centres_dir: str, node_name: str, round_index: int) -> Path | None:
+    """Return the file of adjusted class centres that `node_name` starts `round_index` from.
+
+    `centres_dir` is the node's entry of the previous round's adjusted centres bundle. Returns
+    None when the node's previous update was not aggregated, so the server adjusted nothing
+    and the node continues from its own head, as in the local runner.
+
+    Raises:
+        DataError: the entry belongs to another node or another round.
+    """
+    folder = Path(centres_dir)
+    info = read_json(folder / CENTRES_INFO_FILE)
+    if info["node"] != node_name or info["round"] != round_index - 1:
+        raise DataError(
+            f"{node_name} round {round_index + 1} received the adjusted class centres of "
+            f"{info['node']} from round {info['round'] + 1}, not its own from round "
+            f"{round_index}: the pipeline routes centres to the wrong task. Compile it again "
+            "with `edgeface pipeline compile`"
+        )
+    if not info["adjusted"]:
+        logger.info("%s: no adjusted class centres from round %d, because its update was not "
+                    "aggregated, so it continues from its own head", node_name, round_index)
+        return None
+    return folder / CENTRES_FILE
+
+
 def train_edge_node(config_json: str, node_name: str, round_index: int, data_dir: str,
                     manifest_dir: str, global_model_path: str, node_state_in: str | None,
-                    node_state_out: str, update_out: str) -> dict[str, Any]:
+                    node_state_out: str, update_out: str,
+                    centres_in: str | None = None) -> dict[str, Any]:
     """Train one node for one round and write its update, including the Kubernetes node.
 
+    With spreadout on, `centres_in` is this node's entry of the previous round's adjusted
+    centres (see `adjusted_centres`), and the update also gets the head's rows after training.
     The edge task does not call MLflow: `aggregate` logs each node's round to its child run,
     as the local runner's coordinator does. Returns artifact metadata: status, sample count
     and the Kubernetes node it ran on.
     """
     config = load_run_config(config_json)
     images_root = resolve_images_root(Path(data_dir))
+    centres_path = (adjusted_centres(centres_in, node_name, round_index)
+                    if centres_in is not None else None)
     state_dir = copy_node_state(node_state_in, node_state_out)
     update_dir = Path(update_out)
     update_dir.mkdir(parents=True, exist_ok=True)
     request = _train_request(node_name, round_index, global_model_path,
-                             update_dir / UPDATE_STATE_FILE)
+                             update_dir / UPDATE_STATE_FILE, centres_path)
     reply = run_node_worker(config, node_name, images_root,
                             Path(manifest_dir) / f"{node_name}.json", state_dir, request)
     info = {"node": node_name, "round": round_index, "ok": bool(reply.get("ok")),
@@ -426,12 +465,37 @@ def check_quorum(round_index: int, rounds: int, updates: dict, dropped: dict[str
         "config_json parameter")
 
 
+def spread_out_centres(config: RunConfig, round_index: int, infos: list[dict[str, Any]],
+                       accepted: list[str], out_dir: str) -> dict[str, float]:
+    """Spread apart the aggregated nodes' class centres and write the adjusted centres bundle.
+
+    Every node of the round gets an entry `<node>/` in `out_dir` with centres.json, and
+    centres.pt with its own adjusted rows when its update was aggregated. Returns the metrics
+    of `edgeface.steps.spreadout_step`.
+    """
+    update_files = {info["node"]: info["state_path"] for info in infos}
+    with tempfile.TemporaryDirectory(prefix="edgeface-centres-") as staging:
+        written, metrics = steps.spreadout_round(steps.make_spreadout(config), update_files,
+                                                 accepted, Path(staging))
+        for node in sorted(update_files):
+            entry = Path(out_dir) / node
+            entry.mkdir(parents=True, exist_ok=True)
+            if node in written:
+                shutil.move(written[node], entry / CENTRES_FILE)
+            write_json({"node": node, "round": round_index, "adjusted": node in written},
+                       entry / CENTRES_INFO_FILE)
+    return metrics
+
+
 def aggregate(config_json: str, round_index: int, parent_run_id: str, global_in: str,
               updates_dir: str, server_state_in: str | None, global_out: str,
-              server_state_out: str) -> dict[str, float]:
+              server_state_out: str, centres_out: str) -> dict[str, float]:
     """Log the nodes' round, check the quorum and fuse the updates into the next global model.
 
-    Returns the round metrics that are also logged to the parent run.
+    With spreadout on, it also runs the spread-out step on the aggregated nodes' class centres
+    and writes the adjusted centres bundle to `centres_out` (see `spread_out_centres`). With
+    spreadout off that folder stays empty. Returns the round metrics that are also logged to
+    the parent run.
 
     Raises:
         QuorumError: fewer nodes returned a usable update than the config's quorum.
@@ -452,8 +516,13 @@ def aggregate(config_json: str, round_index: int, parent_run_id: str, global_in:
     aggregated = steps.aggregate_step(strategy, global_state, updates)
     steps.save_atomic(aggregated.state, Path(global_out))
     steps.save_atomic(strategy.state_dict(), Path(server_state_out))
+    Path(centres_out).mkdir(parents=True, exist_ok=True)
+    spread_metrics: dict[str, float] = {}
+    if config.federation.spreadout:
+        spread_metrics = spread_out_centres(config, round_index, infos, aggregated.accepted,
+                                            centres_out)
     failed = sum(1 for i in infos if not i["ok"])
-    metrics = {**aggregated.metrics, "failed_nodes": float(failed),
+    metrics = {**aggregated.metrics, **spread_metrics, "failed_nodes": float(failed),
                "rejected_nodes": float(len(dropped) - failed + len(aggregated.rejected))}
     tracker.log_metrics(parent_run_id, metrics, step=round_index)
     logger.info("round %d/%d: %d of %d nodes reported (%s), fused %d%s", round_index + 1,

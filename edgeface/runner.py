@@ -686,8 +686,9 @@ class LocalRunner:
         The adjusted centres of round r are kept under `server/centres/round-r` until round
         r + 1 has used them, so a run resumed from round r's checkpoint sends the same centres.
         """
-        files = {name: steps.centres_file(round_dir / "updates" / f"{name}.pt") for name in accepted}
-        _, metrics = steps.spreadout_step(self.spreadout, files, self._centres_dir(round_index))
+        updates = {name: round_dir / "updates" / f"{name}.pt" for name in accepted}
+        _, metrics = steps.spreadout_round(self.spreadout, updates, accepted,
+                                           self._centres_dir(round_index))
         for folder in self._centres_dir(round_index).parent.glob("round-*"):
             if int(folder.name.split("-", 1)[1]) < round_index - 1:
                 shutil.rmtree(folder, ignore_errors=True)

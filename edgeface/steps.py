@@ -390,6 +390,28 @@ def spreadout_step(spreadout: SpreadOut, centres_files: dict[str, Path],
     return written, metrics
 
 
+def spreadout_round(spreadout: SpreadOut, update_files: dict[str, Path], accepted: list[str],
+                    out_dir: Path) -> tuple[dict[str, Path], dict[str, float]]:
+    """Spread apart the class centres of the nodes whose updates were aggregated.
+
+    `update_files` maps each node to its backbone update file, beside which `train_node` wrote
+    the node's centres (`centres_file`). Only the `accepted` nodes take part, so a node whose
+    update was dropped gets no adjusted centres and starts its next round from its own head.
+    Returns what `spreadout_step` returns.
+
+    Raises:
+        DataError: an accepted node wrote no centres file, because it trained with spreadout off.
+    """
+    files = {node: centres_file(update_files[node]) for node in sorted(accepted)}
+    missing = [f"{node} ({path})" for node, path in files.items() if not path.is_file()]
+    if missing:
+        raise DataError(
+            f"no class centres beside the updates of {', '.join(missing)}: those nodes trained "
+            "with spreadout off. Run every node and the server with the same config"
+        )
+    return spreadout_step(spreadout, files, out_dir)
+
+
 def aggregate_step(strategy: Strategy, global_state: dict[str, torch.Tensor],
                    update_files: dict[str, tuple[Path, int, dict[str, float]]]):
     """Load the node updates from their files and fuse them with `strategy`."""

@@ -9,7 +9,10 @@ R x N training tasks, each pinned to its node. One run does what `edgeface run` 
     start-run                check the reports, start the MLflow parent run
     resolve-initial-model    warm start from the registry's champion, else a seeded model
     train-edge-node          per node and round, on the node
-    aggregate                per round: quorum check and fusion (central, no edge data)
+    aggregate                per round: quorum check and fusion (central, no edge data), and
+                             with spreadout on the spread-out step on the class centres
+    split-bundle             spreadout only, per round but the last: hands each node its own
+                             adjusted class centres for the next round
     calibrate-batchnorm      per node and round, on the node, unless bn-calibration-images
                              is 0: the fused model's BatchNorm statistics on its images
     merge-batchnorm          per round: pools those statistics into the fused model
@@ -19,7 +22,8 @@ R x N training tasks, each pinned to its node. One run does what `edgeface run` 
 
 Per-node artifacts reach a central task through `bundle-artifacts` tasks, each collecting up
 to `MAX_FAN_IN` artifacts (a tree of them for larger fleets), because a component has a fixed
-number of inputs.
+number of inputs. For the same reason `split-bundle` tasks hand a central bundle back out, up
+to `MAX_FAN_OUT` artifacts each.
 
 Data modes:
 
@@ -41,7 +45,7 @@ from typing import Any, Literal
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl.base_component import BaseComponent
 
-from components.definitions import MAX_FAN_IN, Components, build_components
+from components.definitions import MAX_FAN_IN, MAX_FAN_OUT, Components, build_components
 from edgeface.config import RunConfig, load_config
 from edgeface.errors import ConfigError
 from edgeface.fleet import (
@@ -106,6 +110,11 @@ class PipelineOptions:
     def calibrates_batchnorm(self) -> bool:
         """Whether each round recomputes the fused model's BatchNorm statistics on the nodes."""
         return self.config.federation.bn_calibration_images > 0
+
+    @property
+    def spreads_out(self) -> bool:
+        """Whether the class centres travel between rounds for the spread-out server step."""
+        return self.config.federation.spreadout
 
     def evaluated_rounds(self) -> list[int]:
         """Return the 0-based rounds after which the fused model is evaluated, as the runner does."""
@@ -291,7 +300,8 @@ class DagBuilder:
             config_json=self.params.config_json, dataset_dir=self.params.dataset_dir,
             compiled_nodes=config.partition.nodes, compiled_rounds=config.train.rounds,
             compiled_eval_every=config.evaluation.eval_every,
-            compiled_calibration=self.options.calibrates_batchnorm)
+            compiled_calibration=self.options.calibrates_batchnorm,
+            compiled_spreadout=self.options.spreads_out)
         return self.central(task, dataset=True).set_display_name("prepare evaluation set")
 
     def partition(self, evaluation: dsl.PipelineTask) -> dsl.PipelineTask | None:
@@ -345,16 +355,29 @@ class DagBuilder:
             items = [(f"part-{i}", task.outputs["bundle"]) for i, task in enumerate(tasks)]
             merge = True
 
+    def fan_out(self, bundle: Any, names: list[str], label: str) -> dict[str, Any]:
+        """Split a bundle artifact into one artifact per entry name with `split-bundle` tasks."""
+        groups = [names[i:i + MAX_FAN_OUT] for i in range(0, len(names), MAX_FAN_OUT)]
+        outputs = {}
+        for number, group in enumerate(groups, start=1):
+            task = self.components.split_bundle(names_json=json.dumps(group), bundle=bundle)
+            suffix = f" ({number}/{len(groups)})" if len(groups) > 1 else ""
+            self.central(task).set_display_name(label + suffix)
+            for slot, name in enumerate(group):
+                outputs[name] = task.outputs[f"item_{slot}"]
+        return outputs
+
     def train_rounds(self, global_model: Any, manifests: dict[str, Any], parent: Any,
                      evaluation: dsl.PipelineTask) -> tuple[Any, Any]:
         node_states: dict[str, Any] = {}
+        centres: dict[str, Any] = {}
         server_state = None
         result = None
         for round_index in range(self.options.rounds):
             updates = []
             for node in self.fleet.nodes:
                 task = self.train_task(node, round_index, global_model, manifests[node.name],
-                                       node_states.get(node.name))
+                                       node_states.get(node.name), centres.get(node.name))
                 node_states[node.name] = task.outputs["node_state"]
                 updates.append((node.name, task.outputs["update"]))
             bundle = self.fan_in(updates, f"collect updates round {round_index + 1}")
@@ -362,6 +385,10 @@ class DagBuilder:
                                              parent)
             global_model = aggregated.outputs["next_global_model"]
             server_state = aggregated.outputs["server_state"]
+            if self.options.spreads_out and round_index < self.options.rounds - 1:
+                centres = self.fan_out(aggregated.outputs["adjusted_centres"],
+                                       [node.name for node in self.fleet.nodes],
+                                       f"split class centres round {round_index + 1}")
             if self.options.calibrates_batchnorm:
                 global_model = self.calibrate_batchnorm(round_index, global_model, manifests)
             if round_index in self.options.evaluated_rounds():
@@ -369,8 +396,10 @@ class DagBuilder:
         return global_model, result
 
     def train_task(self, node: EdgeNode, round_index: int, global_model: Any, manifest: Any,
-                   previous_state: Any) -> dsl.PipelineTask:
+                   previous_state: Any, centres: Any) -> dsl.PipelineTask:
         extra = {"previous_node_state": previous_state} if previous_state is not None else {}
+        if centres is not None:
+            extra["centres"] = centres
         task = self.components.train_edge_node(
             config_json=self.params.config_json, node_name=node.name, round_index=round_index,
             data_dir=self.node_data_dir(node), manifest=manifest, global_model=global_model,

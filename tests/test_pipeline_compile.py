@@ -10,6 +10,7 @@ Set EDGEFACE_UPDATE_GOLDEN=1 to rewrite the golden files in pipelines/golden/.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -42,6 +43,7 @@ CENTRAL_TASKS = ("aggregate", "evaluate", "export-onnx", "register", "bundle-art
 # change their DAG.
 TEST_CONFIG = {"train": {"rounds": 2}, "evaluation": {"eval-every": 1},
                "federation": {"bn-calibration-images": 256}}
+SPREADOUT_CONFIG = {"federation": {"bn-calibration-images": 256, "spreadout": True}}
 
 
 def write_fleet(folder: Path, nodes: int, *, name: str = "fleet-test",
@@ -118,6 +120,24 @@ def pre_placed(fleet_dir: Path) -> CompiledPipeline:
     return compile_for(write_fleet(fleet_dir, 4), fleet_dir / "pre-placed.yaml", "pre-placed")
 
 
+@pytest.fixture(scope="module")
+def spreadout(fleet_dir: Path) -> CompiledPipeline:
+    folder = fleet_dir / "spreadout"
+    folder.mkdir()
+    return compile_for(write_fleet(fleet_dir, 2), folder / "spreadout.yaml", "simulation",
+                       config=write_test_config(folder, **SPREADOUT_CONFIG))
+
+
+def round_of(task: dict[str, Any]) -> int:
+    return task["inputs"]["parameters"]["round_index"]["runtimeValue"]["constant"]
+
+
+def producer(task: dict[str, Any], artifact: str) -> tuple[str, str]:
+    """Return (producer task, output key) of the input artifact `artifact` of `task`."""
+    source = task["inputs"]["artifacts"][artifact]["taskOutputArtifact"]
+    return source["producerTask"], source["outputArtifactKey"]
+
+
 def train_tasks_by_node(compiled: CompiledPipeline) -> dict[str, list[dict[str, Any]]]:
     by_node: dict[str, list[dict[str, Any]]] = {}
     for task in compiled.tasks_of("train-edge-node").values():
@@ -138,13 +158,21 @@ def normalized(text: str, config_json: str) -> str:
     return re.sub(r"(?m)^sdkVersion: .*$", "sdkVersion: kfp-NORMALIZED", text)
 
 
-@pytest.mark.parametrize("name", ["fleet-2-simulation.yaml", "fleet-4-pre-placed.yaml"])
+# Golden file -> (fixture that compiles it, nodes, config sections that replace TEST_CONFIG's).
+GOLDEN_FILES = {
+    "fleet-2-simulation.yaml": ("simulation", 2, {}),
+    "fleet-4-pre-placed.yaml": ("pre_placed", 4, {}),
+    "fleet-2-simulation-spreadout.yaml": ("spreadout", 2, SPREADOUT_CONFIG),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_FILES))
 def test_compiled_matches_golden(request: pytest.FixtureRequest, fleet_dir: Path,
-                                 name: str) -> None:
-    nodes = int(name.split("-")[1])
-    compiled = request.getfixturevalue("simulation" if nodes == 2 else "pre_placed")
+                                 tmp_path: Path, name: str) -> None:
+    fixture, nodes, sections = GOLDEN_FILES[name]
+    compiled = request.getfixturevalue(fixture)
     config_json = config_parameter(pipeline_config(load_fleet(write_fleet(fleet_dir, nodes)),
-                                                   write_test_config(fleet_dir), 2))
+                                                   write_test_config(tmp_path, **sections), 2))
     assert config_json in compiled.text
     text = normalized(compiled.text, config_json)
     golden = GOLDEN_DIR / name
@@ -216,6 +244,77 @@ def test_second_round_starts_from_merged_model(simulation: CompiledPipeline) -> 
         expected = "resolve-initial-model" if task["inputs"]["parameters"]["round_index"][
             "runtimeValue"]["constant"] == 0 else first
         assert source["producerTask"] == expected
+
+
+def test_spreadout_left_out_when_off(simulation: CompiledPipeline) -> None:
+    assert simulation.tasks_of("split-bundle") == {}
+    for task in simulation.tasks_of("train-edge-node").values():
+        assert "centres" not in task["inputs"]["artifacts"]
+    [prepare] = simulation.tasks_of("prepare-evaluation-set").values()
+    assert prepare["inputs"]["parameters"]["compiled_spreadout"]["runtimeValue"][
+        "constant"] is False
+
+
+def leaf_producers(compiled: CompiledPipeline, task: dict[str, Any],
+                   artifact: str) -> set[tuple[str, str]]:
+    """Follow `artifact` of `task` through bundle tasks to the (task, output) pairs it holds."""
+    name, key = producer(task, artifact)
+    source = compiled.tasks[name]
+    if not source["componentRef"]["name"].startswith("comp-bundle-artifacts"):
+        return {(name, key)}
+    return set().union(*(leaf_producers(compiled, source, slot)
+                         for slot in source["inputs"]["artifacts"]))
+
+
+def check_centres_edges(compiled: CompiledPipeline, nodes: int, rounds: int) -> None:
+    """Check the class centres' path: each node's training task of round r, the aggregation of
+    round r, a split task, and the same node's training task of round r + 1, and no other."""
+    aggregates = {round_of(task): name for name, task in compiled.tasks_of("aggregate").items()}
+    train = {}
+    for name, task in compiled.tasks_of("train-edge-node").items():
+        node = task["inputs"]["parameters"]["node_name"]["runtimeValue"]["constant"]
+        train[node, round_of(task)] = name
+    assert len(train) == nodes * rounds
+    assert sorted(aggregates) == list(range(rounds))
+    for round_index, aggregate in aggregates.items():
+        # The centres travel inside the update artifact of every node of this round.
+        expected = {(train[f"edge-{i}", round_index], "update") for i in range(nodes)}
+        assert leaf_producers(compiled, compiled.tasks[aggregate], "updates") == expected
+    for (node, round_index), name in train.items():
+        task = compiled.tasks[name]
+        if round_index == 0:
+            assert "centres" not in task["inputs"]["artifacts"], name
+            continue
+        split_name, slot = producer(task, "centres")
+        split = compiled.tasks[split_name]
+        assert split["componentRef"]["name"].startswith("comp-split-bundle"), split_name
+        names = json.loads(split["inputs"]["parameters"]["names_json"]["runtimeValue"]["constant"])
+        assert names[int(slot.removeprefix("item_"))] == node, (name, split_name, slot)
+        assert producer(split, "bundle") == (aggregates[round_index - 1], "adjusted_centres")
+
+
+def test_spreadout_routes_centres_per_node(spreadout: CompiledPipeline) -> None:
+    check_centres_edges(spreadout, nodes=2, rounds=2)
+    assert len(spreadout.tasks_of("split-bundle")) == 1
+    [prepare] = spreadout.tasks_of("prepare-evaluation-set").values()
+    assert prepare["inputs"]["parameters"]["compiled_spreadout"]["runtimeValue"][
+        "constant"] is True
+
+
+def test_spreadout_splits_large_fleet(fleet_dir: Path, tmp_path: Path) -> None:
+    config = write_test_config(tmp_path, federation={"bn-calibration-images": 0,
+                                                     "spreadout": True})
+    compiled = compile_for(write_fleet(fleet_dir, 9), tmp_path / "p.yaml", "pre-placed",
+                           rounds=3, config=config)
+    check_centres_edges(compiled, nodes=9, rounds=3)
+    # 9 nodes need two split tasks of up to 8 slots, after every round but the last.
+    splits = compiled.tasks_of("split-bundle")
+    assert len(splits) == 4
+    for name, task in splits.items():
+        settings = compiled.settings(task)
+        assert settings["nodeAffinity"] == [{"matchExpressions": [
+            {"key": "edgeface.io/role", "operator": "NotIn", "values": ["edge"]}]}], name
+        assert "tolerations" not in settings and "pvcMount" not in settings, name
 
 
 # --- Kubernetes settings --------------------------------------------------------------------

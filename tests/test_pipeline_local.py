@@ -8,7 +8,8 @@ run gets a temporary one.
 
 A whole pipeline run takes one to two and a half minutes on 2 cores, mostly Python starting
 and importing torch and MLflow in each of its 15-30 tasks. Three whole runs (simulation with a
-failing node, pre-placed, a failed quorum) are in the default test run, about five minutes.
+failing node, pre-placed, a failed quorum) are in the default test run, about five minutes. A
+fourth, with the spread-out step, is marked slow.
 """
 
 
@@ -64,9 +65,10 @@ def write_fleet(folder: Path, data_paths: list[Path]) -> Path:
     return path
 
 
-def small_options(tmp: Path, mode: str, rounds: int, data_paths: list[Path] | None = None):
+def small_options(tmp: Path, mode: str, rounds: int, data_paths: list[Path] | None = None,
+                  config_text: str = SMALL_CONFIG):
     config_path = tmp / "config.yaml"
-    config_path.write_text(SMALL_CONFIG)
+    config_path.write_text(config_text)
     paths = data_paths or [tmp / "unused-0", tmp / "unused-1"]
     fleet = load_fleet(write_fleet(tmp, paths))
     return make_options(fleet, pipeline_config(fleet, config_path, rounds), mode)
@@ -227,11 +229,23 @@ def test_unusable_update_dropped(orl_plan, tmp_path: Path) -> None:
 def test_compiled_shape_mismatch_rejected() -> None:
     config = load_config(None, {"nodes": 2, "rounds": 3, "eval-every": 1,
                                 "bn-calibration-images": 0})
-    common.check_compiled_shape(config, 2, 3, 1, False)
+    common.check_compiled_shape(config, 2, 3, 1, False, False)
     with pytest.raises(ConfigError, match=r"rounds 3 \(compiled with 2\)"):
-        common.check_compiled_shape(config, 2, 2, 1, False)
+        common.check_compiled_shape(config, 2, 2, 1, False, False)
     with pytest.raises(ConfigError, match=r"bn-calibration on False \(compiled with True\)"):
-        common.check_compiled_shape(config, 2, 3, 1, True)
+        common.check_compiled_shape(config, 2, 3, 1, True, False)
+
+
+@pytest.mark.parametrize("spreadout", [True, False])
+def test_compiled_spreadout_mismatch_rejected(spreadout: bool) -> None:
+    config = load_config(None, {"nodes": 2, "spreadout": spreadout})
+    shape = (2, config.train.rounds, config.evaluation.eval_every, True)
+    common.check_compiled_shape(config, *shape, spreadout)
+    with pytest.raises(ConfigError) as caught:
+        common.check_compiled_shape(config, *shape, not spreadout)
+    message = str(caught.value)
+    assert f"spreadout {spreadout} (compiled with {not spreadout})" in message
+    assert "edgeface pipeline compile --config" in message
 
 
 def test_config_parameter_errors() -> None:
@@ -243,10 +257,20 @@ def test_config_parameter_errors() -> None:
     assert common.load_run_config(config_parameter(config)) == config
 
 
-def test_config_parameter_rejects_spreadout() -> None:
+def test_config_parameter_accepts_spreadout() -> None:
     config = load_config(None, {"spreadout": True})
-    with pytest.raises(ConfigError, match="spreadout to false"):
-        common.load_run_config(config_parameter(config))
+    assert common.load_run_config(config_parameter(config)).federation.spreadout is True
+
+
+def test_split_bundle_copies_named_entries(tmp_path: Path) -> None:
+    for node in ("edge-0", "edge-1"):
+        common.write_json({"node": node}, tmp_path / "bundle" / node / "centres.json")
+    outputs = [str(tmp_path / "slot-0"), str(tmp_path / "slot-1")]
+    common.split_bundle(str(tmp_path / "bundle"), ["edge-1", "edge-0"], outputs)
+    assert common.read_json(tmp_path / "slot-0" / "centres.json") == {"node": "edge-1"}
+    assert common.read_json(tmp_path / "slot-1" / "centres.json") == {"node": "edge-0"}
+    with pytest.raises(DataError, match=r"no entry 'edge-2' \(it has \['edge-0', 'edge-1'\]\)"):
+        common.split_bundle(str(tmp_path / "bundle"), ["edge-2"], [str(tmp_path / "slot-2")])
 
 
 def test_cpu_quota_threads(tmp_path: Path) -> None:
@@ -320,6 +344,99 @@ def test_batchnorm_calibration_replaces_statistics(orl_plan, orl_dir: Path,
     assert not torch.equal(merged[means[0]], fused[means[0]])
     weights = [key for key in fused if key.endswith(".weight")]
     assert all(torch.equal(merged[key], fused[key]) for key in weights)
+
+
+@pytest.fixture
+def two_node_manifests(orl_plan, tmp_path: Path) -> dict[str, Path]:
+    """Manifest folders of edge-0 and edge-1: 4 other ORL people each, 5 images per person.
+
+    Both heads have 4 rows, so centres sent to the wrong node would still fit its head.
+    """
+    from edgeface.data.partition import NodeShard, Partition
+
+    _, _, plan = orl_plan
+    people = sorted({r.identity for r in plan.train_records})
+    manifests = {}
+    for index, node in enumerate(["edge-0", "edge-1"]):
+        own = set(people[4 * index:4 * index + 4])
+        records = sorted((r for r in plan.train_records if r.identity in own),
+                         key=lambda r: r.path)
+        manifests[node] = tmp_path / "manifests" / node
+        Partition("identity", 0, [NodeShard(node, records)]).write_manifests(manifests[node])
+    return manifests
+
+
+def test_spreadout_components_route_centres(local_env: Path, orl_dir: Path,
+                                            two_node_manifests: dict[str, Path]) -> None:
+    """Round 0 on two nodes, aggregation with the spread-out step, then round 1 of edge-0."""
+    tmp = local_env
+    config = load_config(None, {"image-size": 32, "nodes": 2, "rounds": 2, "batch-size": 10,
+                                "local-epochs": 1, "spreadout": True, "spreadout-lr": 0.5})
+    config_json = config_parameter(config)
+    nodes = sorted(two_node_manifests)
+    global_path = steps.save_atomic(steps.initial_state(config), tmp / "global.pt")
+    for node in nodes:
+        metadata = runtime.train_edge_node(
+            config_json, node, 0, str(orl_dir), str(two_node_manifests[node]), str(global_path),
+            None, str(tmp / "state-0" / node), str(tmp / "round-0" / node))
+        assert metadata["ok"], node
+    common.bundle([(node, str(tmp / "round-0" / node)) for node in nodes], False,
+                  str(tmp / "updates"))
+    tracker = common.open_tracker(config)
+    parent = tracker.start_parent("spreadout-components", config.to_dict())
+
+    metrics = runtime.aggregate(config_json, 0, parent, str(global_path), str(tmp / "updates"),
+                                None, str(tmp / "global-1.pt"), str(tmp / "server.pt"),
+                                str(tmp / "adjusted"))
+
+    # The local runner's step on the same centres files gives the same rows and metrics.
+    update_files = {node: tmp / "updates" / node / runtime.UPDATE_STATE_FILE for node in nodes}
+    expected, expected_metrics = steps.spreadout_round(steps.make_spreadout(config),
+                                                       update_files, nodes, tmp / "reference")
+    for key in ("spreadout_max_cosine_before", "spreadout_max_cosine_after"):
+        assert metrics[key] == pytest.approx(expected_metrics[key], abs=1e-6)
+        assert tracker.metric_history(parent, key) == [(0, pytest.approx(metrics[key]))]
+    assert metrics["spreadout_max_cosine_after"] < metrics["spreadout_max_cosine_before"]
+    adjusted = {}
+    for node in nodes:
+        entry = tmp / "adjusted" / node
+        assert sorted(p.name for p in entry.iterdir()) == ["centres.json", "centres.pt"]
+        assert common.read_json(entry / "centres.json") == {"node": node, "round": 0,
+                                                            "adjusted": True}
+        adjusted[node] = torch.load(entry / "centres.pt", weights_only=True)
+        assert torch.equal(adjusted[node], torch.load(expected[node], weights_only=True))
+    assert adjusted["edge-0"].shape == adjusted["edge-1"].shape == (4, 128)
+
+    # Split in reverse order, so that a slot index taken for a node index shows.
+    slots = {"edge-1": tmp / "slot-0", "edge-0": tmp / "slot-1"}
+    common.split_bundle(str(tmp / "adjusted"), list(slots), [str(path) for path in slots.values()])
+    # With a learning rate of ~0, the rows that edge-0 sends after round 1 are those it started
+    # from: its own adjusted centres.
+    frozen = config.model_copy(update={"train": config.train.model_copy(update={"lr": 1e-12})})
+    metadata = runtime.train_edge_node(
+        config_parameter(frozen), "edge-0", 1, str(orl_dir), str(two_node_manifests["edge-0"]),
+        str(tmp / "global-1.pt"), str(tmp / "state-0" / "edge-0"), str(tmp / "state-1"),
+        str(tmp / "round-1"), centres_in=str(slots["edge-0"]))
+    assert metadata["ok"]
+    sent = torch.load(tmp / "round-1" / "state.centres.pt", weights_only=True)
+    torch.testing.assert_close(sent, adjusted["edge-0"], atol=1e-6, rtol=0)
+    assert not torch.allclose(sent, adjusted["edge-1"], atol=1e-3)
+
+    with pytest.raises(DataError, match="edge-0 round 2 received the adjusted class centres "
+                                        "of edge-1 from round 1"):
+        runtime.train_edge_node(
+            config_json, "edge-0", 1, str(orl_dir), str(two_node_manifests["edge-0"]),
+            str(tmp / "global-1.pt"), str(tmp / "state-0" / "edge-0"), str(tmp / "wrong-state"),
+            str(tmp / "wrong-update"), centres_in=str(slots["edge-1"]))
+
+
+def test_unaggregated_node_keeps_own_head(tmp_path: Path) -> None:
+    entry = tmp_path / "edge-1"
+    common.write_json({"node": "edge-1", "round": 2, "adjusted": False},
+                      entry / runtime.CENTRES_INFO_FILE)
+    assert runtime.adjusted_centres(str(entry), "edge-1", 3) is None
+    with pytest.raises(DataError, match="from round 3, not its own from round 2"):
+        runtime.adjusted_centres(str(entry), "edge-1", 2)
 
 
 def test_warm_start_falls_back_to_seeded_state(orl_plan, tmp_path: Path,
@@ -452,6 +569,35 @@ def test_pre_placed_run_trains_on_node_folders(local_env: Path, orl_dir: Path) -
     assert parent.data.tags["edgeface.data_mode"] == "pre-placed"
     aliases = mlflow_client(local_env).get_registered_model("edgeface").aliases
     assert {alias: int(version) for alias, version in aliases.items()} == {"challenger": 1}
+
+
+SPREADOUT_CONFIG = ("data: {image-size: 32}\n"
+                    "train: {batch-size: 32, local-epochs: 1}\n"
+                    "federation: {bn-calibration-images: 0, spreadout: true, spreadout-lr: 0.5}\n"
+                    "evaluation: {eval-every: 0}\n")
+
+
+@pytest.mark.slow
+def test_spreadout_run_passes_centres(local_env: Path, orl_dir: Path) -> None:
+    """Two nodes and two rounds with the spread-out step, and edge-1 fails round 1."""
+    options = small_options(local_env, "simulation", rounds=2, config_text=SPREADOUT_CONFIG)
+    run_pipeline(options, local_env, orl_dir, faults="edge-1:error@0")
+
+    [parent] = runs_by_kind(local_env)["parent"]
+    assert parent.info.status == "FINISHED"
+    client = mlflow_client(local_env)
+    before = client.get_metric_history(parent.info.run_id, "spreadout_max_cosine_before")
+    after = client.get_metric_history(parent.info.run_id, "spreadout_max_cosine_after")
+    # Round 1 had one node, so its cosines are NaN and recorded as tags instead.
+    assert [m.step for m in before] == [m.step for m in after] == [1]
+    assert after[0].value < before[0].value
+    assert "edgeface.nonfinite.spreadout_max_cosine_before" in parent.data.tags
+    split = task_outputs(local_env, "split-bundle")
+    assert common.read_json(split / "item_0" / "centres.json") == {
+        "node": "edge-0", "round": 0, "adjusted": True}
+    assert common.read_json(split / "item_1" / "centres.json") == {
+        "node": "edge-1", "round": 0, "adjusted": False}
+    assert not (split / "item_1" / "centres.pt").exists()
 
 
 def test_failed_quorum_marks_run_failed(local_env: Path, orl_dir: Path) -> None:

@@ -28,7 +28,8 @@ NODE_SCRIPT = textwrap.dedent("""
     from edgeface import steps
     from edgeface.config import load_config
 
-    config = load_config(overrides={"image-size": 32, "batch-size": 16, "rounds": 1})
+    config = load_config(overrides={"image-size": 32, "batch-size": 16, "rounds": 1,
+                                    "spreadout": True})
     shard = steps.load_node_shard(manifest)
     data = steps.prepare_node(images_root, shard, config, cache_dir)
     torch.save(steps.initial_state(config), state_dir / "global.pt")
@@ -63,6 +64,10 @@ def test_node_reads_only_its_manifest(orl_dir: Path, tmp_path: Path) -> None:
     # Only the backbone travels: no tensor in the update has the shape of an image batch.
     assert not any(t.ndim == 4 and t.shape[-1] == 3 and t.dtype == torch.uint8
                    for t in update.values())
+    # With spreadout on, the node also sends the rows of its head: one per own person.
+    centres = torch.load(tmp_path / "state" / "update.centres.pt", weights_only=True)
+    assert centres.is_floating_point()
+    assert centres.shape == (len({r.identity for r in node.records}), 128)
 
 
 @pytest.mark.parametrize("payload", [

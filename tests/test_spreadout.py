@@ -208,3 +208,18 @@ def test_spreadout_warns_on_shared_people(caplog: pytest.LogCaptureFixture) -> N
     with caplog.at_level("WARNING", logger="edgeface.steps"):
         steps.make_spreadout(load_config(overrides={"spreadout": True, "partition": "iid"}))
     assert "'iid' partition" in caplog.text
+
+
+def test_spreadout_round_takes_accepted_nodes(tmp_path: Path) -> None:
+    updates = {}
+    for name, rows in collapsed_centres(nodes=3).items():
+        updates[name] = tmp_path / f"{name}.pt"
+        steps.save_atomic(rows, steps.centres_file(updates[name]))
+    written, metrics = steps.spreadout_round(SpreadOut(), updates, ["node-2", "node-0"],
+                                             tmp_path / "two")
+    assert sorted(written) == ["node-0", "node-2"]
+    assert metrics["spreadout_max_cosine_after"] < metrics["spreadout_max_cosine_before"]
+
+    updates["node-3"] = tmp_path / "node-3.pt"
+    with pytest.raises(DataError, match=r"node-3 \(.*node-3\.centres\.pt\).*spreadout off"):
+        steps.spreadout_round(SpreadOut(), updates, ["node-0", "node-3"], tmp_path / "out")
