@@ -25,6 +25,7 @@ closed.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -240,6 +241,11 @@ def worker_main(connection: Connection, name: str, nodes: dict[str, tuple[str, s
         connection.send(reply)
         node_filter.node = name
         release_memory()
+        # What survives a full collection here lives as long as the worker: the modules of
+        # torch and edgeface and the hosted nodes' data, over 300,000 objects. Frozen, they are
+        # left out of later collections. Unfrozen, on a loaded 2-core machine, release_memory's
+        # collection took 0.25 s per request and interpreter shutdown 1.5 s instead of 0.4 s.
+        gc.freeze()
 
 
 def _train(connection: Connection, request: dict[str, Any], data: Any, config: Any,
@@ -405,15 +411,28 @@ class WorkerProcess:
             self.process.join(timeout=10)
         self._close()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask an idle worker to exit, and kill it when it is busy or does not exit in time."""
+    def request_stop(self) -> bool:
+        """Ask an idle worker to exit without waiting; return whether the request was sent."""
+        if self.process is None or self.connection is None or self.busy_since is not None:
+            return False
+        if not self.process.is_alive():
+            return False
+        try:
+            self.connection.send({"op": "stop"})
+        except (BrokenPipeError, OSError):
+            return False
+        return True
+
+    def stop(self, timeout: float = 10.0, *, requested: bool | None = None) -> None:
+        """Ask an idle worker to exit, and kill it when it is busy or does not exit in time.
+
+        `requested` is whether `request_stop` already sent the request (None: send it now).
+        """
         if self.process is None:
             return
-        if self.process.is_alive() and self.connection is not None and self.busy_since is None:
-            try:
-                self.connection.send({"op": "stop"})
-            except (BrokenPipeError, OSError):
-                pass
+        if requested is None:
+            requested = self.request_stop()
+        if requested:
             self.process.join(timeout=timeout)
         if self.process.is_alive():
             self.process.kill()
@@ -428,6 +447,16 @@ class WorkerProcess:
         self.connection = None
         self.process = None
         self.busy_since = None
+
+
+def stop_workers(workers: list[WorkerProcess], timeout: float = 10.0) -> None:
+    """Stop `workers` as `WorkerProcess.stop` does, sending every request before waiting.
+
+    The processes then exit in parallel, because each exit takes a noticeable time.
+    """
+    requested = [worker.request_stop() for worker in workers]
+    for worker, sent in zip(workers, requested):
+        worker.stop(timeout, requested=sent)
 
 
 def wait_for_reply(worker: WorkerProcess, timeout: float) -> dict[str, Any]:

@@ -8,11 +8,13 @@ logged and recorded in MLflow, and the failed nodes retried in the next round.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,7 +28,7 @@ from edgeface.cli.main import main as edgeface_main
 from edgeface.config import RunConfig, load_config
 from edgeface.errors import DataError, EdgefaceError, PartitionError
 from edgeface.runner import LocalRunner, TrainingResult, parse_faults
-from edgeface.tracking import Tracker, resolve_tracking_uri
+from edgeface.tracking import Tracker, TrackingError, resolve_tracking_uri
 from edgeface.workers import exit_reason
 from conftest import run_workdir
 
@@ -273,6 +275,25 @@ def test_dataset_without_images_rejected(empty_workdir: Path) -> None:
     with pytest.raises(DataError, match="no images in"):
         LocalRunner(tiny_config(), data, empty_workdir / "run", progress=False).train()
     assert_nothing_written(empty_workdir)
+
+
+def test_dead_tracking_server_stops_workers(empty_workdir: Path, orl_dir: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers start before MLflow is reached, so a tracking failure must stop them."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens once it closes
+    config = tiny_config(**{"tracking-uri": uri})
+    runner = LocalRunner(config, orl_dir, empty_workdir / "run", progress=False)
+    with pytest.raises(TrackingError, match=f"server at {uri} is unreachable"):
+        runner.train()
+
+    assert [worker.starts for worker in runner.pool] == [1, 1]
+    assert [worker.process for worker in runner.pool] == [None, None]
+    assert worker_pids(os.getpid()) == set()
+    # The run freezes the objects it loaded only while it runs.
+    assert gc.get_freeze_count() == 0
 
 
 @pytest.mark.parametrize("arguments, message", [
