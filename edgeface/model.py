@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeface.batchnorm_prelu import batchnorm_prelu, batchnorm_prelu_applies
 from edgeface.errors import ConfigError
 
 
@@ -37,6 +38,14 @@ class ConvBNAct(nn.Sequential):
         if act:
             layers.append(nn.PReLU(cout))
         super().__init__(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In training, BatchNorm and PReLU run as one autograd function that saves one
+        # activation tensor instead of two. Eval mode and ONNX export use the listed modules.
+        if len(self) == 3 and batchnorm_prelu_applies(self[1], self[2], x):
+            conv, bn, act = self
+            return batchnorm_prelu(conv(x), bn, act)
+        return super().forward(x)
 
 
 class Bottleneck(nn.Module):
