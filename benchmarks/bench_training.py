@@ -3,9 +3,12 @@
 Times `edgeface.training.train_local`, the loop an edge worker runs, on real LFW crops with
 the default model (MobileFaceNet, 64 px, batch 128) in three variants:
 
-    baseline       fp32, contiguous (NCHW) tensors: plain eager PyTorch
-    channels-last  fp32, channels-last tensors
-    optimised      channels-last with bf16 autocast (the `precision: bf16` setting)
+    baseline       fp32, contiguous (NCHW) tensors, BatchNorm and PReLU as the plain modules:
+                   plain eager PyTorch
+    channels-last  fp32, channels-last tensors, BatchNorm and PReLU fused in training (the
+                   default path, `edgeface.batchnorm_prelu`)
+    optimised      channels-last with bf16 autocast (the `precision: bf16` setting), where
+                   BatchNorm and PReLU run as the plain modules under autocast
 
 In the same process it times a large matmul and a large 1x1 convolution in fp32 and in bf16
 as the peak. It counts the model's FLOPs per training image with `torch.utils.flop_counter`,
@@ -17,6 +20,7 @@ rounds on LFW View 1 in fp32 and in bf16 and compares their verification accurac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -34,6 +38,7 @@ VARIANTS = {
     "channels-last": {"precision": "fp32", "channels_last": True},
     "optimised": {"precision": "bf16", "channels_last": True},
 }
+PLAIN_VARIANTS = {"baseline"}  # trained with `edgeface.batchnorm_prelu.plain_modules`
 
 
 def matmul_gflops(dtype: torch.dtype, size: int, repeats: int) -> float:
@@ -126,9 +131,15 @@ def time_variants(images: torch.Tensor, labels: torch.Tensor, steps: int, trials
     spreads load from other processes over all variants, and the best trial is the least
     disturbed one, so it is the figure compared.
     """
+    from edgeface.batchnorm_prelu import plain_modules
     from edgeface.config import ModelConfig, TrainConfig
     from edgeface.model import ModelSpec
     from edgeface.training import build_face_model, train_local
+
+    def train(name: str, *args: Any, **kwargs: Any) -> Any:
+        context = plain_modules() if name in PLAIN_VARIANTS else contextlib.nullcontext()
+        with context:
+            return train_local(*args, **kwargs)
 
     torch.set_num_threads(threads)
     classes = int(labels.max()) + 1
@@ -139,12 +150,13 @@ def time_variants(images: torch.Tensor, labels: torch.Tensor, steps: int, trials
         torch.manual_seed(0)
         models[name] = build_face_model(ModelSpec(), ModelConfig(), classes)
         warmup = TrainConfig(local_epochs=1 / per_epoch, batch_size=batch, **variant)
-        train_local(models[name], images, labels, warmup, lr=0.05, seed=0)
+        train(name, models[name], images, labels, warmup, lr=0.05, seed=0)
     rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for trial in range(trials):
         for name, variant in VARIANTS.items():
             config = TrainConfig(local_epochs=steps / per_epoch, batch_size=batch, **variant)
-            result = train_local(models[name], images, labels, config, lr=0.05, seed=trial + 1)
+            result = train(name, models[name], images, labels, config, lr=0.05,
+                           seed=trial + 1)
             rates[name].append(result.images_per_second)
     return {name: {"images_per_second": round(max(values), 1),
                    "median_images_per_second": round(float(np.median(values)), 1),

@@ -14,6 +14,9 @@ The backward pass also computes the PReLU gradients with plain elementwise ops i
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -23,16 +26,33 @@ from torch import nn
 # it, or where gamma is 0, the recovery loses more precision or is impossible.
 RECOVERY_LIMIT = 64.0
 
+_fusion_enabled = True
+
+
+@contextlib.contextmanager
+def plain_modules() -> Iterator[None]:
+    """Run BatchNorm and PReLU as the plain modules inside the block, as plain PyTorch would.
+
+    For measuring against an unfused baseline (`benchmarks/bench_training.py`). Not thread-safe:
+    it switches the fusion off for the whole process.
+    """
+    global _fusion_enabled
+    previous, _fusion_enabled = _fusion_enabled, False
+    try:
+        yield
+    finally:
+        _fusion_enabled = previous
+
 
 def batchnorm_prelu_applies(bn: nn.Module, act: nn.Module, x: torch.Tensor) -> bool:
     """Return whether `batchnorm_prelu` can stand in for `act(bn(x))` in this call.
 
     Only for training with autograd on, float32 or float64 CPU tensors, no autocast, a
     BatchNorm2d that tracks running statistics and a per-channel PReLU. Everything else
-    (eval mode, ONNX export, bf16 autocast) keeps the plain modules.
+    (eval mode, ONNX export, bf16 autocast, a `plain_modules` block) keeps the plain modules.
     """
     return (
-        isinstance(bn, nn.BatchNorm2d) and isinstance(act, nn.PReLU)
+        _fusion_enabled and isinstance(bn, nn.BatchNorm2d) and isinstance(act, nn.PReLU)
         and bn.training and torch.is_grad_enabled()
         and bn.track_running_stats and bn.running_mean is not None and bn.affine
         and act.weight.numel() == bn.num_features

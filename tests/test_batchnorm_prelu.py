@@ -137,6 +137,16 @@ def test_applies_only_to_training_with_grad() -> None:
     assert not fused.batchnorm_prelu_applies(bn, act, x)
 
 
+def test_plain_modules_block_turns_fusion_off() -> None:
+    layer = ConvBNAct(16, 16, 3, groups=16).train()
+    x = torch.randn(4, 16, 8, 8).requires_grad_()
+    activation = x.numel() * x.element_size()
+    with fused.plain_modules():
+        assert not fused.batchnorm_prelu_applies(layer[1], layer[2], x)
+        assert saved_bytes(layer, x) >= 3 * activation
+    assert fused.batchnorm_prelu_applies(layer[1], layer[2], x)
+
+
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
     """Bytes of the distinct tensors that autograd saves for the backward pass of `module(x)`."""
     storages: dict[int, int] = {}
