@@ -314,7 +314,8 @@ def test_spreadout_splits_large_fleet(fleet_dir: Path, tmp_path: Path) -> None:
         settings = compiled.settings(task)
         assert settings["nodeAffinity"] == [{"matchExpressions": [
             {"key": "edgeface.io/role", "operator": "NotIn", "values": ["edge"]}]}], name
-        assert "tolerations" not in settings and "pvcMount" not in settings, name
+        assert "tolerations" not in settings, name
+        assert "pvcMount" not in settings, name
 
 
 # --- Kubernetes settings --------------------------------------------------------------------
