@@ -1,4 +1,4 @@
-"""Where the time of one edge worker's training step goes, by kind of operator.
+"""Time split of one edge worker's training step by kind of operator.
 
 Runs `edgeface.training.train_local` under `torch.profiler` on preprocessed LFW crops: the
 default model and input size, batch 128, channels-last fp32 with the fused BatchNorm+PReLU
