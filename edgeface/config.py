@@ -37,7 +37,7 @@ class DataConfig(Section):
     fold: int = Field(0, ge=0, le=9, description="LFW View 2 test fold (0-9)")
     image_size: int = Field(64, ge=16, le=512, description="side of the square face crop, pixels")
     crop: tuple[float, float, float, float] = Field(
-        (0.25, 0.22, 0.75, 0.78),
+        (0.33, 0.31, 0.67, 0.70),
         description="face box as fractions of the image: left, top, right, bottom",
     )
     max_bad_fraction: float = Field(
@@ -76,7 +76,7 @@ class ModelConfig(Section):
     width: float = Field(1.0, gt=0.0, le=4.0, description="channel width multiplier")
     loss: Literal["arcface", "cosface"] = "arcface"
     margin: float = Field(0.5, ge=0.0, lt=1.5, description="additive margin (radians for arcface)")
-    scale: float = Field(32.0, gt=0.0, description="logit scale s of the margin head")
+    scale: float = Field(16.0, gt=0.0, description="logit scale s of the margin head")
 
 
 class TrainConfig(Section):

@@ -136,7 +136,7 @@ class MarginHead(nn.Module):
     """
 
     def __init__(self, embedding_dim: int, num_classes: int, loss: str = "arcface",
-                 scale: float = 32.0, margin: float = 0.5) -> None:
+                 scale: float = 16.0, margin: float = 0.5) -> None:
         super().__init__()
         if loss not in ("arcface", "cosface"):
             raise ConfigError(f"unknown loss {loss!r}: choose 'arcface' or 'cosface'")

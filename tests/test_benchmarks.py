@@ -16,6 +16,7 @@ from benchmarks.bench_compile import fleet_file
 from benchmarks.bench_flower import compare
 from benchmarks.bench_scaling import lfw_subset
 from benchmarks.common import MemorySampler, percentile, process_tree, tree_memory_mib
+from benchmarks.profile_training import group_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,3 +116,31 @@ def test_run_all_quick_ingest_and_compile(lfw_dir: Path, orl_dir: Path, tmp_path
                                                            for r in (2, 8)}
     assert all(p["bytes"] > 0 for p in points)
     assert (tmp_path / "ingest" / "ingest.json").is_file()
+
+
+@pytest.mark.parametrize(("name", "group"), [
+    ("aten::mkldnn_convolution", "convolution forward"),
+    ("aten::convolution_backward", "convolution backward"),
+    ("aten::native_batch_norm", "BatchNorm forward"),
+    ("aten::native_batch_norm_backward", "BatchNorm backward"),
+    ("aten::lerp", "elementwise (PReLU, its gradients, optimizer)"),
+    ("aten::mm", "other"),
+])
+def test_profile_groups_operators(name: str, group: str) -> None:
+    assert group_of(name) == group
+
+
+@pytest.mark.benchmark
+def test_profile_training_one_step(lfw_dir: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "benchmarks.profile_training", "--data", str(lfw_dir),
+               "--out", str(tmp_path), "--steps", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "profile.json").read_text())
+    groups = record["groups"]
+    assert groups["convolution forward"]["ms"] > 0
+    assert groups["BatchNorm backward"]["ms"] > 0
+    assert sum(group["share"] for group in groups.values()) == pytest.approx(1.0, abs=0.01)
+    assert record["images_per_second"] > 0

@@ -139,7 +139,7 @@ def test_build_writes_array_and_sidecar(
         assert np.array_equal(array[index], expected)
     sidecar = json.loads(result.path.with_suffix(".json").read_text())
     assert sidecar["key"] == result.key
-    assert sidecar["spec"] == {"image_size": 64, "crop": [0.25, 0.22, 0.75, 0.78]}
+    assert sidecar["spec"] == {"image_size": 64, "crop": [0.33, 0.31, 0.67, 0.70]}
     assert sorted(path.name for path in cache_dir.iterdir()) == [
         f"{result.key}.json", f"{result.key}.npy"
     ]

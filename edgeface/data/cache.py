@@ -63,7 +63,7 @@ class PreprocessSpec:
     """
 
     image_size: int = 64
-    crop: tuple[float, float, float, float] = (0.25, 0.22, 0.75, 0.78)
+    crop: tuple[float, float, float, float] = (0.33, 0.31, 0.67, 0.70)
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -85,7 +85,7 @@ def _validate_crop(crop: Any) -> tuple[float, float, float, float]:
     except (TypeError, ValueError):
         raise ConfigError(
             f"invalid crop {crop!r}: use four fractions (left, top, right, bottom), "
-            "for example (0.25, 0.22, 0.75, 0.78)"
+            "for example (0.33, 0.31, 0.67, 0.70)"
         ) from None
     if not (0.0 <= left < right <= 1.0 and 0.0 <= top < bottom <= 1.0):
         raise ConfigError(
