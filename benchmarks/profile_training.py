@@ -13,7 +13,6 @@ Writes `OUT/profile.json`, and prints the groups with their share of the profile
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
