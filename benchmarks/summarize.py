@@ -46,11 +46,16 @@ def flower_section(record: dict[str, Any]) -> str:
     if "skipped" in record:
         return f"skipped: {record['skipped']}"
     ours, theirs, comparison = record["edgeface"], record["flower"], record["comparison"]
+    sides = [("edgeface run", ours)]
+    if "edgeface_torchscript_export" in record:
+        sides.append(("edgeface run --exporter torchscript", record["edgeface_torchscript_export"]))
     rows = [
-        ["edgeface run", ours["wall_seconds"], ours["wall_seconds_to_final_evaluation"],
-         f"{ours['metrics']['verification_accuracy']:.4f} +- "
-         f"{ours['metrics']['verification_std']:.4f}",
-         ours["peak_rss_mib"], ours["peak_pss_mib"]],
+        [label, side["wall_seconds"], side["wall_seconds_to_final_evaluation"],
+         f"{side['metrics']['verification_accuracy']:.4f} +- "
+         f"{side['metrics']['verification_std']:.4f}",
+         side["peak_rss_mib"], side["peak_pss_mib"]]
+        for label, side in sides
+    ] + [
         [f"Flower {theirs['flwr']} simulation", theirs["wall_seconds"], "",
          f"{theirs['metrics']['verification_accuracy']:.4f} +- "
          f"{theirs['metrics']['verification_std']:.4f}",
@@ -63,6 +68,11 @@ def flower_section(record: dict[str, Any]) -> str:
              f"(to the final evaluation). Accuracies match within the fold spread: "
              f"{comparison['accuracies_match']} (delta {comparison['accuracy_delta']}, "
              f"spread {comparison['accuracy_noise']}).")
+    if "comparison_torchscript_export" in record:
+        fast = record["comparison_torchscript_export"]
+        text += (f" With `--exporter torchscript`: {fast['edgeface_over_flower_wall']} (whole "
+                 f"run), {fast['edgeface_to_final_evaluation_over_flower_wall']} (to the final "
+                 f"evaluation), accuracies match: {fast['accuracies_match']}.")
     return text
 
 

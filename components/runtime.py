@@ -574,7 +574,8 @@ def export_onnx(config_json: str, global_path: str, evaluation_dir: str, result_
     limit_torch_threads()
     backbone = load_backbone(config, global_path)
     onnx_path = Path(out_dir) / ONNX_FILE
-    export.export_onnx(backbone, config.data.image_size, onnx_path, opset=config.export.opset)
+    export.export_onnx(backbone, config.data.image_size, onnx_path, opset=config.export.opset,
+                       exporter=config.export.exporter)
     images, pairs = steps.parity_sample(load_evaluation_set(evaluation_dir))
     parity = export.check_parity(backbone, onnx_path, images, rtol=config.export.rtol,
                                  atol=config.export.atol, pairs=pairs,
@@ -584,7 +585,7 @@ def export_onnx(config_json: str, global_path: str, evaluation_dir: str, result_
                 parity.max_abs_diff, "ok" if parity.ok else "FAILED")
     export.require_parity(parity)
     return {"max_abs_diff": parity.max_abs_diff, "parity_ok": parity.ok,
-            "opset": config.export.opset}
+            "opset": config.export.opset, "exporter": config.export.exporter}
 
 
 def register(config_json: str, parent_run_id: str, fingerprint: str, onnx_dir: str,

@@ -143,9 +143,24 @@ class EvaluationConfig(Section):
 
 
 class ExportConfig(Section):
-    opset: int = Field(18, ge=18, le=23, description="ONNX opset; the torch 2.14 exporter emits 18 natively")
+    opset: int = Field(18, ge=18, le=23, description="ONNX opset; torch 2.14's dynamo exporter "
+                       "emits 18 natively, the torchscript one writes up to 20")
+    exporter: Literal["dynamo", "torchscript"] = Field(
+        "dynamo", description="torch.onnx exporter: dynamo (maintained, ~5 s) or torchscript "
+        "(deprecated in torch, ~0.2 s, opset <= 20)"
+    )
     rtol: float = Field(1e-3, gt=0.0)
     atol: float = Field(1e-5, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check_opset(self) -> "ExportConfig":
+        # torch 2.14's TorchScript exporter writes opsets up to 20 only.
+        if self.exporter == "torchscript" and self.opset > 20:
+            raise ValueError(
+                f"opset {self.opset} is newer than the torchscript exporter can write (up to "
+                "20): lower --opset to 20 or less, or use --exporter dynamo"
+            )
+        return self
 
 
 class TrackingConfig(Section):
@@ -191,9 +206,9 @@ class RunConfig(Section):
 
 
 # Keys left out of `config_hash` because they do not change the trained weights: which worker
-# process hosts a node does not (tests/test_pool.py). Runs made before the key existed keep
-# their hash, so they can still be resumed.
-UNHASHED_KEYS = (("train", "worker-processes"),)
+# process hosts a node does not (tests/test_pool.py), nor which exporter writes the ONNX file.
+# Runs made before a key existed keep their hash, so they can still be resumed.
+UNHASHED_KEYS = (("train", "worker-processes"), ("export", "exporter"))
 
 
 SECTIONS = {name: field.annotation for name, field in RunConfig.model_fields.items()

@@ -291,7 +291,21 @@ def _resolve_file(path: Path) -> ModelSource:
     crop, threshold = _run_dir_settings(path)
     spec = PreprocessSpec(image_size=image_size, crop=crop or PreprocessSpec().crop)
     return ModelSource(onnx_path=path, description=str(path), preprocess=spec,
-                       threshold=threshold, identity=f"sha256:{file_sha256(path)}")
+                       threshold=threshold, identity=f"sha256:{file_sha256(path)}",
+                       variant=_file_variant(path))
+
+
+# Operators that onnxruntime's static (QDQ) and dynamic int8 quantization write.
+_QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+                            "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"})
+
+
+def _file_variant(path: Path) -> str:
+    """Return "int8" when the ONNX graph at `path` contains quantized operators, else "fp32"."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return "int8" if any(node.op_type in _QUANTIZED_OPS for node in graph.node) else "fp32"
 
 
 def _run_dir_settings(path: Path) -> tuple[tuple[float, ...] | None, float | None]:

@@ -832,7 +832,8 @@ class LocalRunner:
         backbone.eval()
         onnx_path = self.run_dir / "model" / "edgeface.onnx"
         with steps.timed("export", self.timings):
-            export.export_onnx(backbone, config.data.image_size, onnx_path, opset=config.export.opset)
+            export.export_onnx(backbone, config.data.image_size, onnx_path, opset=config.export.opset,
+                               exporter=config.export.exporter)
             images, pairs = steps.parity_sample(evaluation)
             parity = export.check_parity(backbone, onnx_path, images, rtol=config.export.rtol,
                                          atol=config.export.atol, threshold=threshold, pairs=pairs)
@@ -937,7 +938,8 @@ class LocalRunner:
             "config_hash": self.config.config_hash(),
             "onnx": {"path": str(onnx_path.resolve()), "max_abs_diff": parity.max_abs_diff,
                      "parity_ok": parity.ok, "decisions_match": parity.decisions_match,
-                     "opset": self.config.export.opset},
+                     "opset": self.config.export.opset,
+                     "exporter": self.config.export.exporter},
             "mlflow": {"tracking_uri": tracker.tracking_uri, "run_id": parent,
                        "experiment": self.config.tracking.experiment,
                        "model_name": version.name, "model_version": version.version,

@@ -288,6 +288,8 @@ def registration_tags(config: RunConfig, *, fingerprint: str, metrics: dict[str,
             "edgeface.nodes": config.partition.nodes, "edgeface.rounds": config.train.rounds,
             "edgeface.threshold": threshold, "edgeface.onnx_parity_ok": parity_ok,
             "edgeface.onnx_max_abs_diff": max_abs_diff, "edgeface.protocol": protocol,
+            "edgeface.onnx_exporter": config.export.exporter,
+            "edgeface.onnx_opset": config.export.opset,
             "edgeface.crop": json.dumps(list(config.data.crop)),
             **{f"edgeface.metric.{key}": value for key, value in metrics.items()}}
 

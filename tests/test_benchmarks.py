@@ -17,6 +17,7 @@ from benchmarks.bench_flower import compare
 from benchmarks.bench_scaling import lfw_subset
 from benchmarks.common import MemorySampler, percentile, process_tree, tree_memory_mib
 from benchmarks.profile_training import group_of
+from benchmarks.summarize import flower_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,24 @@ def test_compare_voids_accuracy_gap() -> None:
     result = compare(_side(0.80, 0.01), _side(0.70, 0.02))
     assert result["accuracies_match"] is False
     assert result["accuracy_delta"] == pytest.approx(0.10)
+
+
+def test_flower_section_shows_both_exporters() -> None:
+    def side(wall: float, to_eval: float) -> dict:
+        return {**_side(0.74, 0.04), "wall_seconds": wall, "wall_seconds_to_final_evaluation":
+                to_eval, "peak_rss_mib": 2500, "peak_pss_mib": 1800}
+
+    ours, fast, theirs = side(17.5, 9.6), side(12.1, 9.5), {**side(18.6, 18.6), "flwr": "1.42.0"}
+    record = {"edgeface": ours, "edgeface_torchscript_export": fast, "flower": theirs,
+              "comparison": compare(ours, theirs),
+              "comparison_torchscript_export": compare(fast, theirs)}
+    text = flower_section(record)
+    assert "| edgeface run | 17.5 | 9.6 |" in text
+    assert "| edgeface run --exporter torchscript | 12.1 | 9.5 |" in text
+    assert "With `--exporter torchscript`: 0.651 (whole run)" in text
+    # Records written before the second edgeface run have one edgeface row.
+    del record["edgeface_torchscript_export"], record["comparison_torchscript_export"]
+    assert "torchscript" not in flower_section(record)
 
 
 def test_lfw_subset_links_people(lfw_dir: Path, tmp_path: Path) -> None:

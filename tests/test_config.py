@@ -135,6 +135,13 @@ def test_min_nodes_above_nodes_rejected() -> None:
     assert "--min-nodes" in message
 
 
+def test_torchscript_exporter_with_newer_opset_rejected() -> None:
+    message = config_error(None, {"exporter": "torchscript", "opset": 21})
+    assert "opset 21 is newer than the torchscript exporter can write" in message
+    assert "--exporter dynamo" in message
+    assert load_config(None, {"exporter": "torchscript", "opset": 20}).export.opset == 20
+
+
 def test_invalid_crop_explained() -> None:
     message = config_error(None, {"crop": ["0.8", "0.2", "0.3", "0.9"]})
     assert "data.crop" in message
@@ -163,6 +170,21 @@ def test_cli_bad_config_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     for key in ("train.rounds", "train.bogus", "train.lr"):
         assert key in caplog.text, key
     assert not (tmp_path / "run").exists()
+
+
+def test_config_hash_ignores_exporter() -> None:
+    """Runs checkpointed before the exporter key existed must keep their hash to resume."""
+    import hashlib
+    import json
+
+    dynamo = load_config()
+    torchscript = load_config(overrides={"exporter": "torchscript"})
+    assert torchscript.config_hash() == dynamo.config_hash()
+
+    settings = dynamo.to_dict()
+    del settings["export"]["exporter"], settings["train"]["worker-processes"]
+    before_the_key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    assert dynamo.config_hash() == before_the_key[:16]
 
 
 def test_config_hash_ignores_worker_processes() -> None:

@@ -15,6 +15,7 @@ from edgeface.data.cache import PreprocessSpec, preprocess
 from edgeface.data.ingest import load_rgb
 from edgeface.errors import DataError, ExportError
 from edgeface.export import (
+    EXPORTERS,
     ParityResult,
     check_parity,
     embed_eager,
@@ -76,12 +77,13 @@ def backbone(faces: np.ndarray) -> nn.Module:
     return model
 
 
-@pytest.fixture(scope="module")
-def exported(backbone: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The backbone exported over a stale file, which the export must replace."""
-    path = tmp_path_factory.mktemp("export") / "model.onnx"
+@pytest.fixture(scope="module", params=EXPORTERS)
+def exported(request: pytest.FixtureRequest, backbone: nn.Module,
+             tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The backbone exported over a stale file, which the export must replace, by each exporter."""
+    path = tmp_path_factory.mktemp(f"export-{request.param}") / "model.onnx"
     path.write_bytes(b"stale file from an earlier export")
-    return export_onnx(backbone, SPEC.image_size, path)
+    return export_onnx(backbone, SPEC.image_size, path, exporter=request.param)
 
 
 def test_export_writes_checked_self_contained_file(exported: Path) -> None:
@@ -215,18 +217,20 @@ def test_failed_export_keeps_existing_file(backbone: nn.Module, tmp_path: Path) 
 
 
 @pytest.mark.parametrize(
-    ("image_size", "opset", "message"),
+    ("image_size", "opset", "exporter", "message"),
     [
-        (0, 18, "invalid image_size 0"),
-        (64, 11, "invalid ONNX opset 11: expected an integer from 18"),
-        (64, 99, "invalid ONNX opset 99"),
+        (0, 18, "dynamo", "invalid image_size 0"),
+        (64, 11, "dynamo", "invalid ONNX opset 11: expected an integer from 18"),
+        (64, 99, "dynamo", "invalid ONNX opset 99"),
+        (64, 18, "onnx", "unknown exporter 'onnx': choose one of dynamo, torchscript"),
+        (64, 21, "torchscript", "ONNX opset 21 is newer than the torchscript exporter can write"),
     ],
 )
 def test_export_rejects_invalid_arguments(
-    backbone: nn.Module, tmp_path: Path, image_size: int, opset: int, message: str
+    backbone: nn.Module, tmp_path: Path, image_size: int, opset: int, exporter: str, message: str
 ) -> None:
     with pytest.raises(ExportError, match=message):
-        export_onnx(backbone, image_size, tmp_path / "model.onnx", opset=opset)
+        export_onnx(backbone, image_size, tmp_path / "model.onnx", opset=opset, exporter=exporter)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -258,7 +262,8 @@ def test_embed_onnx_rejects_wrong_image_size(exported: Path) -> None:
 
 
 def write_tiny_model(path: Path, *, batch: int | str = "batch", input_name: str = "image",
-                     opset: int = 18, external: bool = False) -> None:
+                     opset: int = 18, external: bool = False,
+                     output_shape: list[int | str] | None = None) -> None:
     """Write a tiny valid ONNX model that flattens scaled uint8 (batch, 64, 64, 3) images."""
     from onnx import helper
 
@@ -270,7 +275,8 @@ def write_tiny_model(path: Path, *, batch: int | str = "batch", input_name: str 
         ],
         "tiny",
         [helper.make_tensor_value_info(input_name, onnx.TensorProto.UINT8, [batch, 64, 64, 3])],
-        [helper.make_tensor_value_info("embedding", onnx.TensorProto.FLOAT, [batch, 64 * 64 * 3])],
+        [helper.make_tensor_value_info("embedding", onnx.TensorProto.FLOAT,
+                                       output_shape or [batch, 64 * 64 * 3])],
         initializer=[numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "scale")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -285,6 +291,8 @@ def write_tiny_model(path: Path, *, batch: int | str = "batch", input_name: str 
         ({"input_name": "pixels_in"}, "has inputs \\['pixels_in'\\]"),
         ({"opset": 17}, "declares ONNX opsets \\{'': 17\\}, expected opset 18"),
         ({"external": True}, "keeps 1 initializers in an external data file"),
+        ({"output_shape": ["batch", "dim"]}, "has output shape \\['batch', 'dim'\\]"),
+        ({"output_shape": ["n", 12288]}, "has output shape \\['n', 12288\\], expected \\['batch', D\\]"),
     ],
 )
 def test_exported_file_checks(tmp_path: Path, variant: dict, message: str | None) -> None:

@@ -116,6 +116,15 @@ def test_int8_embeddings_close_to_fp32(int8_report: Int8Report, evaluation: Eval
         assert float(np.median(cosine)) > 0.9, item.method
 
 
+def test_int8_file_labelled_int8(int8_report: Int8Report, tiny_model: TinyModel) -> None:
+    from edgeface.inference import resolve_model
+
+    assert resolve_model(str(int8_report.chosen.path)).variant == "int8"
+    for candidate in int8_report.candidates:
+        assert resolve_model(str(candidate.path)).variant == "int8"
+    assert resolve_model(str(tiny_model.onnx_path)).variant == "fp32"
+
+
 def test_chosen_file_is_a_candidate(int8_report: Int8Report) -> None:
     chosen = int8_report.chosen
     assert chosen.path.name == "model.int8.onnx"

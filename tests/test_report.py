@@ -301,6 +301,8 @@ def test_edgeface_run_writes_report_and_int8(orl_dir: Path, tmp_path: Path) -> N
     version = tracker.registry.get_version("edgeface", "challenger")
     assert json.loads(version.tags["edgeface.crop"]) == [0.33, 0.31, 0.67, 0.70]
     assert version.tags["edgeface.int8.method"] == "static"
+    assert version.tags["edgeface.onnx_exporter"] == "dynamo"
+    assert version.tags["edgeface.onnx_opset"] == "18"
     logged = {item.path for item in tracker.client.list_artifacts(summary["mlflow"]["run_id"],
                                                                   "report")}
     assert "report/index.html" in logged

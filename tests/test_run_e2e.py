@@ -24,7 +24,9 @@ def run_edgeface(args: list[str], cwd: Path, env_extra: dict | None = None,
 @pytest.fixture(scope="module")
 def finished_run(orl_dir: Path, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     workdir = tmp_path_factory.mktemp("e2e")
-    result = run_edgeface(["run", "--data", str(orl_dir), "--out", "run1", *RUN_FLAGS], workdir)
+    # The TorchScript exporter here; the other end-to-end runs use the default dynamo exporter.
+    result = run_edgeface(["run", "--data", str(orl_dir), "--out", "run1", *RUN_FLAGS,
+                           "--exporter", "torchscript"], workdir)
     assert result.returncode == 0, result.stderr[-4000:]
     return workdir, result
 
@@ -42,6 +44,8 @@ def test_run_writes_summary(finished_run) -> None:
     assert summary["onnx"]["parity_ok"] is True
     assert summary["onnx"]["max_abs_diff"] < 1e-3
     assert Path(summary["onnx"]["path"]).is_file()
+    assert summary["onnx"]["exporter"] == "torchscript"
+    assert "torchscript exporter" in result.stderr
     assert summary["mlflow"]["model_version"] == 1
     for stage in ("plan", "partition", "validate_and_cache", "train", "aggregate", "evaluate",
                   "export", "register", "total", "rounds", "node_training"):
