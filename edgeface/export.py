@@ -99,9 +99,9 @@ def export_onnx(backbone: nn.Module, image_size: int, path: Path, opset: int = D
     `exporter` is "dynamo" or "torchscript" (see the module docstring).
 
     Raises:
-        ExportError: invalid image_size, opset or exporter, the exporter failed, or the exported file
-            fails the checker, has external data, or has a static batch axis. The message
-            contains the cause.
+        ExportError: invalid image_size, opset or exporter, the exporter failed, or the
+            exported file fails the checker, has external data, a static batch axis or no
+            fixed embedding size. The message contains the cause.
     """
     _check_export_arguments(image_size, opset, exporter)
     path = Path(path)
