@@ -44,6 +44,9 @@ THRESHOLD_TAG = "edgeface.threshold"
 IMAGE_SIZE_TAG = "edgeface.image_size"
 CROP_TAG = "edgeface.crop"
 INT8_ARTIFACT_TAG = "edgeface.int8.artifact"
+# Decision threshold chosen for the int8 file's own embeddings. Versions registered before this
+# tag existed have none, and their int8 variant uses the fp32 threshold.
+INT8_THRESHOLD_TAG = "edgeface.int8.threshold"
 BATCH_SIZE = 64
 # Marks a completely downloaded model version in the model cache.
 _COMPLETE_MARKER = ".edgeface-complete.json"
@@ -160,6 +163,9 @@ def _resolve_registered(
         onnx_path = _download(registry.tracking_uri, info, variant, folder)
     spec = _spec_from_tags(info.tags, model_uri)
     threshold = _float_tag(info.tags, THRESHOLD_TAG)
+    int8_threshold = _float_tag(info.tags, INT8_THRESHOLD_TAG) if variant == "int8" else None
+    if int8_threshold is not None:
+        threshold = int8_threshold
     return ModelSource(
         onnx_path=onnx_path, description=f"models:/{name}/{info.version}", preprocess=spec,
         threshold=threshold, variant=variant, version=info.version,
@@ -279,8 +285,9 @@ def _resolve_file(path: Path) -> ModelSource:
     """Settings for a plain `.onnx` file: size from its input, crop and threshold from its run.
 
     A file at `RUN_DIR/model/*.onnx` written by `edgeface run` takes its crop from
-    `RUN_DIR/config.yaml` and its threshold from `RUN_DIR/summary.json`. Other files use the
-    default crop and have no threshold.
+    `RUN_DIR/config.yaml` and its threshold from `RUN_DIR/summary.json`: the int8 file's own
+    threshold where the summary has one, else the fp32 model's. Other files use the default
+    crop and have no threshold.
     """
     if not path.is_file():
         raise ExportError(
@@ -321,7 +328,12 @@ def _run_dir_settings(path: Path) -> tuple[tuple[float, ...] | None, float | Non
     try:
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
         threshold = float(summary["metrics"]["threshold"])
-    except (OSError, ValueError, KeyError, TypeError):
+        # The run's int8 file has a threshold of its own (absent in older summaries). Names
+        # are compared, not paths, so that a moved run folder keeps it.
+        chosen = summary.get("int8", {}).get("chosen", {})
+        if chosen.get("threshold") is not None and Path(chosen["path"]).name == path.name:
+            threshold = float(chosen["threshold"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     if crop is not None or threshold is not None:
         logger.info("using the crop %s and threshold %s of run folder %s", crop, threshold,

@@ -35,7 +35,7 @@ import numpy as np
 
 from edgeface.errors import ExportError
 from edgeface.evaluation import VerificationResult, evaluate_plan
-from edgeface.inference import open_session, run_session
+from edgeface.inference import INT8_THRESHOLD_TAG, open_session, run_session
 
 if TYPE_CHECKING:
     from edgeface.data.ingest import ImageRecord
@@ -62,6 +62,8 @@ class VariantMeasurement:
 
     `accuracy_delta` is this variant's verification accuracy minus the fp32 model's (negative
     means worse). `latency_p50_ms` is the median milliseconds of one single-image run.
+    `threshold` is the cosine-similarity threshold chosen for this file's own embeddings, the
+    one its accuracy was measured with; None where it was not measured.
     """
 
     method: str
@@ -70,11 +72,13 @@ class VariantMeasurement:
     verification_accuracy: float
     accuracy_delta: float
     latency_p50_ms: float
+    threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "path": str(self.path), "size_bytes": self.size_bytes,
                 "verification_accuracy": self.verification_accuracy,
-                "accuracy_delta": self.accuracy_delta, "latency_p50_ms": self.latency_p50_ms}
+                "accuracy_delta": self.accuracy_delta, "latency_p50_ms": self.latency_p50_ms,
+                "threshold": self.threshold}
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ class Int8Report:
     def version_tags(self, artifact_path: str) -> dict[str, Any]:
         """Return `edgeface.int8.*` version tags describing the chosen file at `artifact_path`."""
         chosen = self.chosen
-        return {
+        tags = {
             "edgeface.int8.method": chosen.method,
             "edgeface.int8.artifact": artifact_path,
             "edgeface.int8.verification_accuracy": chosen.verification_accuracy,
@@ -117,6 +121,9 @@ class Int8Report:
             "edgeface.fp32.latency_p50_ms": self.fp32.latency_p50_ms,
             "edgeface.fp32.size_bytes": self.fp32.size_bytes,
         }
+        if chosen.threshold is not None:
+            tags[INT8_THRESHOLD_TAG] = chosen.threshold
+        return tags
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,12 +274,14 @@ def _measure(method: str, path: Path, plan: EvaluationPlan, images: np.ndarray,
              index: Mapping[str, int], fp32_accuracy: float | None
              ) -> tuple[VariantMeasurement, np.ndarray]:
     embeddings = run_session(open_session(path), images)
-    accuracy = plan_verification(plan, embeddings, index).accuracy_mean
+    verification = plan_verification(plan, embeddings, index)
+    accuracy = verification.accuracy_mean
     baseline = accuracy if fp32_accuracy is None else fp32_accuracy
     measurement = VariantMeasurement(
         method=method, path=path, size_bytes=path.stat().st_size,
         verification_accuracy=float(accuracy), accuracy_delta=float(accuracy - baseline),
         latency_p50_ms=latency_p50_ms(path, images.shape[1]),
+        threshold=float(verification.threshold),
     )
     logger.info("%s ONNX model: verification accuracy %.4f (delta %+.4f), p50 latency %.2f ms "
                 "at batch 1, %.2f MiB", method, measurement.verification_accuracy,

@@ -276,6 +276,24 @@ def test_file_model_reads_run_folder(tiny_model: TinyModel, tmp_path: Path) -> N
     assert source.threshold == 0.61
 
 
+def test_run_folder_int8_file_threshold(tiny_model: TinyModel, tmp_path: Path) -> None:
+    """The run's int8 file gets the threshold measured on its own embeddings."""
+    model_dir = tmp_path / "moved-run" / "model"
+    model_dir.mkdir(parents=True)
+    for name in ("edgeface.onnx", "edgeface.int8.onnx"):
+        (model_dir / name).write_bytes(tiny_model.onnx_path.read_bytes())
+    chosen = {"path": "/elsewhere/run/model/edgeface.int8.onnx", "threshold": 0.47}
+    summary = {"metrics": {"threshold": 0.61}, "int8": {"chosen": chosen}}
+    (model_dir.parent / "summary.json").write_text(json.dumps(summary))
+
+    assert resolve_model(str(model_dir / "edgeface.int8.onnx")).threshold == 0.47
+    assert resolve_model(str(model_dir / "edgeface.onnx")).threshold == 0.61
+    # Summaries written before the int8 threshold existed: the fp32 threshold.
+    del chosen["threshold"]
+    (model_dir.parent / "summary.json").write_text(json.dumps(summary))
+    assert resolve_model(str(model_dir / "edgeface.int8.onnx")).threshold == 0.61
+
+
 def test_identify_with_inprocess_gallery(tiny_model: TinyModel, gallery_dir: Path,
                                          lfw_dir: Path, tmp_path: Path) -> None:
     embedder = Embedder(resolve_model(str(tiny_model.onnx_path), crop=CROP))

@@ -98,6 +98,17 @@ def test_variants_are_quantized(int8_report: Int8Report) -> None:
         assert item.size_bytes < int8_report.fp32.size_bytes
 
 
+def test_threshold_measured_per_variant(int8_report: Int8Report, evaluation: Evaluation) -> None:
+    """Each variant's accuracy is measured at the threshold chosen for its own embeddings."""
+    from edgeface.quantize import plan_verification
+
+    for item in (int8_report.fp32, *int8_report.candidates):
+        embeddings = run_session(open_session(item.path), evaluation.images)
+        verification = plan_verification(evaluation.plan, embeddings, evaluation.index)
+        assert item.threshold == pytest.approx(verification.threshold)
+        assert item.to_dict()["threshold"] == item.threshold
+
+
 def test_accuracy_delta_measured(int8_report: Int8Report, evaluation: Evaluation) -> None:
     fp32_accuracy = oracle_accuracy(int8_report.fp32.path, evaluation)
     assert int8_report.fp32.verification_accuracy == pytest.approx(fp32_accuracy, abs=1e-12)
@@ -190,6 +201,7 @@ def test_int8_recorded_in_mlflow(
     assert float(tags["edgeface.int8.accuracy_delta"]) == pytest.approx(
         report.chosen.accuracy_delta)
     assert float(tags["edgeface.int8.latency_p50_ms"]) > 0
+    assert float(tags["edgeface.int8.threshold"]) == pytest.approx(report.chosen.threshold)
     assert float(tags["edgeface.fp32.latency_p50_ms"]) > 0
     metrics = tracker.client.get_run(parent).data.metrics
     assert metrics["int8_static_accuracy_delta"] == pytest.approx(report.chosen.accuracy_delta)
@@ -204,9 +216,11 @@ def test_int8_recorded_in_mlflow(
     source = resolve_model("models:/faces-int8@challenger", tracking_uri=mlflow_server.url,
                            variant="int8")
     assert source.onnx_path.read_bytes() == report.chosen.path.read_bytes()
+    assert source.threshold == pytest.approx(report.chosen.threshold)
     a = lfw_dir / "lfw-deepfunneled" / "Tony_Blair" / "Tony_Blair_0001.jpg"
     b = lfw_dir / "lfw-deepfunneled" / "Tony_Blair" / "Tony_Blair_0002.jpg"
     int8_outcome = verify_files(Embedder(source), a, b, 0.3)
     fp32_source = resolve_model("models:/faces-int8@challenger", tracking_uri=mlflow_server.url)
+    assert fp32_source.threshold == 0.3
     fp32_outcome = verify_files(Embedder(fp32_source), a, b, 0.3)
     assert int8_outcome.similarity == pytest.approx(fp32_outcome.similarity, abs=0.1)
