@@ -137,7 +137,7 @@ class _SplitPReLU(nn.Module):
     def __init__(self, prelu: nn.PReLU) -> None:
         super().__init__()
         self.slope = nn.Parameter(prelu.weight.detach().clone(), requires_grad=False)
-        # A Python bool, so that tracing sees a constant rather than a tensor comparison.
+        # A Python bool, so that tracing records a constant rather than a tensor comparison.
         self.per_channel = prelu.weight.numel() > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
