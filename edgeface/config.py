@@ -142,6 +142,10 @@ class EvaluationConfig(Section):
     eval_every: int = Field(1, ge=0, description="evaluate the fused model every N rounds; 0 = last only")
 
 
+# The newest ONNX opset that torch 2.14's TorchScript exporter writes.
+TORCHSCRIPT_MAX_OPSET = 20
+
+
 class ExportConfig(Section):
     opset: int = Field(18, ge=18, le=23, description="ONNX opset; torch 2.14's dynamo exporter "
                        "emits 18 natively, the torchscript one writes up to 20")
@@ -154,11 +158,11 @@ class ExportConfig(Section):
 
     @model_validator(mode="after")
     def _check_opset(self) -> "ExportConfig":
-        # torch 2.14's TorchScript exporter writes opsets up to 20 only.
-        if self.exporter == "torchscript" and self.opset > 20:
+        if self.exporter == "torchscript" and self.opset > TORCHSCRIPT_MAX_OPSET:
             raise ValueError(
                 f"opset {self.opset} is newer than the torchscript exporter can write (up to "
-                "20): lower --opset to 20 or less, or use --exporter dynamo"
+                f"{TORCHSCRIPT_MAX_OPSET}): lower --opset to {TORCHSCRIPT_MAX_OPSET} or less, "
+                "or use --exporter dynamo"
             )
         return self
 

@@ -32,6 +32,7 @@ import torch
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from torch import nn
 
+from edgeface.config import TORCHSCRIPT_MAX_OPSET
 from edgeface.errors import DataError, ExportError
 from edgeface.model import InferenceModel
 
@@ -41,8 +42,6 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "embedding"
 DEFAULT_OPSET = 18
 EXPORTERS = ("dynamo", "torchscript")
-# The newest opset that torch 2.14's TorchScript exporter can write.
-_TORCHSCRIPT_MAX_OPSET = 20
 # The torch.onnx dynamo exporter (torch 2.14) implements operators at opset 18. It reaches a
 # lower opset only through a version conversion that can fail and then keeps opset 18.
 MIN_OPSET = 18
@@ -174,10 +173,10 @@ def _check_export_arguments(image_size: int, opset: int, exporter: str = "dynamo
             f"invalid ONNX opset {opset!r}: expected an integer from {MIN_OPSET} to {newest} "
             f"(the newest that onnx {onnx.__version__} knows)"
         )
-    if exporter == "torchscript" and opset > _TORCHSCRIPT_MAX_OPSET:
+    if exporter == "torchscript" and opset > TORCHSCRIPT_MAX_OPSET:
         raise ExportError(
             f"ONNX opset {opset} is newer than the torchscript exporter can write (up to "
-            f"{_TORCHSCRIPT_MAX_OPSET}): choose opset {_TORCHSCRIPT_MAX_OPSET} or lower, or the "
+            f"{TORCHSCRIPT_MAX_OPSET}): choose opset {TORCHSCRIPT_MAX_OPSET} or lower, or the "
             "dynamo exporter"
         )
 
