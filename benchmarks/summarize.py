@@ -63,6 +63,11 @@ def flower_section(record: dict[str, Any]) -> str:
     ]
     text = table(["system", "wall s", "wall s to final evaluation", "accuracy",
                   "peak RSS MiB", "peak PSS MiB"], rows)
+    if record.get("repeats", 1) > 1:
+        text += (f"\n\nEach row is the median of {record['repeats']} runs by wall time. All "
+                 "runs' wall seconds: " + "; ".join(
+                     f"{label}: {', '.join(str(wall) for wall in side['wall_seconds_runs'])}"
+                     for label, side in sides + [("Flower", theirs)]) + ".")
     text += (f"\n\nRatio edgeface / Flower: {comparison['edgeface_over_flower_wall']} "
              f"(whole run), {comparison['edgeface_to_final_evaluation_over_flower_wall']} "
              f"(to the final evaluation). Accuracies match within the fold spread: "

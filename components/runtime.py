@@ -416,7 +416,8 @@ def merge_batchnorm(config_json: str, round_index: int, fused_model_path: str,
 
 
 def read_updates(updates_dir: str, global_state: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    """Return the update.json of every node in a bundle, with `state_path` and `reason` added.
+    """Return the update.json of every node in a bundle, with `state_path`, `reason` and
+    `state` (the update read from `state_path`, None for a dropped node) added.
 
     `reason` is None for a usable update. Otherwise it is why the node is dropped: its
     training failed, or its update cannot be aggregated (`validate_update`: NaN or infinity,
@@ -428,9 +429,10 @@ def read_updates(updates_dir: str, global_state: dict[str, torch.Tensor]) -> lis
         info["state_path"] = folder / UPDATE_STATE_FILE
         info["reason"] = None if info["ok"] else (info["error"] or "unknown error")
         if info["ok"]:
-            problem = steps.update_problem(info["node"], info["state_path"],
-                                           info["num_samples"], global_state)
+            state, problem = steps.load_update(info["node"], info["state_path"],
+                                               info["num_samples"], global_state)
             info["reason"] = f"update rejected: {problem}" if problem else None
+            info["state"] = state
         infos.append(info)
     return infos
 
@@ -506,7 +508,7 @@ def aggregate(config_json: str, round_index: int, parent_run_id: str, global_in:
     infos = read_updates(updates_dir, global_state)
     tracker = open_tracker(config)
     log_node_rounds(tracker, parent_run_id, round_index, infos)
-    updates = {i["node"]: (i["state_path"], i["num_samples"], i["metrics"])
+    updates = {i["node"]: (i["state"], i["num_samples"], i["metrics"])
                for i in infos if i["reason"] is None}
     dropped = {i["node"]: i["reason"] for i in infos if i["reason"] is not None}
     strategy = steps.make_strategy(config, len(infos))

@@ -72,7 +72,9 @@ class RoundOutcome:
     nodes whose update could not be aggregated (non-finite values, wrong keys or shapes).
     """
 
-    updates: dict[str, tuple[Path, int, dict[str, float]]] = field(default_factory=dict)
+    # node -> (the update's state, read once here, its sample count, its training metrics)
+    updates: dict[str, tuple[dict[str, torch.Tensor], int, dict[str, float]]] = field(
+        default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
 
@@ -781,9 +783,9 @@ class LocalRunner:
                 outcome.failures[name] = reply.get("error", "unknown error")
                 continue
             path, count = Path(reply["update_path"]), reply["num_samples"]
-            reason = steps.update_problem(name, path, count, global_state)
+            state, reason = steps.load_update(name, path, count, global_state)
             if reason is None:
-                outcome.updates[name] = (path, count, reply["metrics"])
+                outcome.updates[name] = (state, count, reply["metrics"])
             else:
                 logger.warning("round %d: rejected the update of %s: %s", round_index + 1,
                                name, reason)

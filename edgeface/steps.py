@@ -317,20 +317,29 @@ def register_model(tracker: Any, parent_run_id: str, onnx_path: Path, backbone_f
     return version
 
 
-def update_problem(node: str, path: Path, num_samples: int,
-                   global_state: dict[str, torch.Tensor]) -> str | None:
-    """Return why the update file of `node` cannot be aggregated, or None when it can.
+def load_update(node: str, path: Path, num_samples: int,
+                global_state: dict[str, torch.Tensor]
+                ) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """Read and check the update file of `node`: (state, None), or (None, why it is unusable).
 
     The reasons are those of `edgeface.aggregation.validate_update` (NaN or infinity, other
-    keys, shapes or dtypes) and an unreadable file.
+    keys, shapes or dtypes) and an unreadable file. Hand the state on to `aggregate_step`,
+    which then does not read the file a second time (15 ms per file for the default model).
     """
     try:
         state = torch.load(path, weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        return f"cannot read the update file {path}: {error}"
+        return None, f"cannot read the update file {path}: {error}"
     with single_thread():
-        return validate_update(NodeUpdate(node=node, state=state, num_samples=num_samples),
-                               global_state)
+        problem = validate_update(NodeUpdate(node=node, state=state, num_samples=num_samples),
+                                  global_state)
+    return (None, problem) if problem else (state, None)
+
+
+def update_problem(node: str, path: Path, num_samples: int,
+                   global_state: dict[str, torch.Tensor]) -> str | None:
+    """Return why the update file of `node` cannot be aggregated, or None when it can."""
+    return load_update(node, path, num_samples, global_state)[1]
 
 
 def quorum_error(round_index: int, rounds: int, usable: int, total: int,
@@ -415,11 +424,16 @@ def spreadout_round(spreadout: SpreadOut, update_files: dict[str, Path], accepte
 
 
 def aggregate_step(strategy: Strategy, global_state: dict[str, torch.Tensor],
-                   update_files: dict[str, tuple[Path, int, dict[str, float]]]):
-    """Load the node updates from their files and fuse them with `strategy`."""
+                   update_files: dict[str, tuple[Path | dict[str, torch.Tensor], int,
+                                                 dict[str, float]]]):
+    """Fuse the node updates with `strategy`.
+
+    `update_files` maps each node to (its update file or the state `load_update` read from
+    it, its sample count, its training metrics).
+    """
     updates = []
-    for node, (path, num_samples, metrics) in sorted(update_files.items()):
-        state = torch.load(path, weights_only=True)
+    for node, (source, num_samples, metrics) in sorted(update_files.items()):
+        state = source if isinstance(source, dict) else torch.load(source, weights_only=True)
         updates.append(NodeUpdate(node=node, state=state, num_samples=num_samples, metrics=metrics))
     return strategy.aggregate(global_state, updates)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks.bench_compile import fleet_file
-from benchmarks.bench_flower import compare
+from benchmarks.bench_flower import compare, median_run, run as run_flower_benchmark
 from benchmarks.bench_scaling import lfw_subset
 from benchmarks.common import MemorySampler, percentile, process_tree, tree_memory_mib
 from benchmarks.profile_training import group_of
@@ -163,3 +163,37 @@ def test_profile_training_one_step(lfw_dir: Path, tmp_path: Path) -> None:
     assert groups["BatchNorm backward"]["ms"] > 0
     assert sum(group["share"] for group in groups.values()) == pytest.approx(1.0, abs=0.01)
     assert record["images_per_second"] > 0
+
+
+def test_median_run_picks_middle_run() -> None:
+    runs = [{"wall_seconds": wall, "wall_seconds_to_final_evaluation": wall - 3, "run": index}
+            for index, wall in enumerate([14.0, 12.5, 15.2])]
+    chosen = median_run(runs)
+    assert chosen["run"] == 0
+    assert chosen["wall_seconds_runs"] == [14.0, 12.5, 15.2]
+    assert chosen["wall_seconds_to_final_evaluation_runs"] == [11.0, 9.5, 12.2]
+    # Of two middle runs, the faster; Flower's records have no time to the final evaluation.
+    flower = median_run([{"wall_seconds": 20.0}, {"wall_seconds": 18.0}])
+    assert flower == {"wall_seconds": 18.0, "wall_seconds_runs": [20.0, 18.0]}
+    assert all("wall_seconds_runs" not in item for item in runs)  # the inputs stay as they were
+
+
+def test_flower_benchmark_rejects_zero_repeats(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="repeats is 0"):
+        run_flower_benchmark(tmp_path, tmp_path, quick=True, flower_python="python", repeats=0)
+
+
+def test_flower_section_names_the_repeats() -> None:
+    def side(walls: list[float]) -> dict:
+        chosen = median_run([{**_side(0.74, 0.04), "wall_seconds": wall,
+                              "wall_seconds_to_final_evaluation": wall - 4,
+                              "peak_rss_mib": 2500, "peak_pss_mib": 1800} for wall in walls])
+        return chosen
+
+    ours, theirs = side([15.0, 14.0, 16.0]), {**side([19.0, 20.0, 18.5]), "flwr": "1.42.0"}
+    record = {"edgeface": ours, "flower": theirs, "comparison": compare(ours, theirs),
+              "repeats": 3}
+    text = flower_section(record)
+    assert "| edgeface run | 15.0 | 11.0 |" in text
+    assert "median of 3 runs" in text
+    assert "edgeface run: 15.0, 14.0, 16.0; Flower: 19.0, 20.0, 18.5." in text

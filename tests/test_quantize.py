@@ -175,21 +175,29 @@ def test_unknown_method_rejected(tiny_model: TinyModel, evaluation: Evaluation,
                            evaluation.index, tmp_path, methods=("float16",))
 
 
+def register_tiny_model(tiny_model: TinyModel, mlflow_server: MlflowServer, tmp_path: Path,
+                        name: str, tags: dict) -> tuple:
+    """Register a copy of the tiny model as `name`; return (tracker, parent, onnx_path, version)."""
+    tracker = Tracker(mlflow_server.url, "quantize-tests")
+    parent = tracker.start_parent(name, {"seed": 0})
+    onnx_path = tmp_path / "model" / "edgeface.onnx"
+    onnx_path.parent.mkdir()
+    onnx_path.write_bytes(tiny_model.onnx_path.read_bytes())
+    version = register_version(tracker, parent, onnx_path, name, image_size=IMAGE_SIZE,
+                               embedding_dim=EMBEDDING_DIM, tags=tags)
+    return tracker, parent, onnx_path, version
+
+
 def test_int8_recorded_in_mlflow(
     tiny_model: TinyModel, evaluation: Evaluation, mlflow_server: MlflowServer,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lfw_dir: Path,
 ) -> None:
     """The runner's int8 step logs the file and metrics and tags the registered version."""
-    tracker = Tracker(mlflow_server.url, "quantize-tests")
-    parent = tracker.start_parent("int8-run", {"seed": 0})
-    onnx_path = tmp_path / "model" / "edgeface.onnx"
-    onnx_path.parent.mkdir()
-    onnx_path.write_bytes(tiny_model.onnx_path.read_bytes())
-    tags = {"edgeface.threshold": 0.3, "edgeface.crop": json.dumps(list(CROP))}
-    version = register_version(tracker, parent, onnx_path, "faces-int8", image_size=IMAGE_SIZE,
-                               embedding_dim=EMBEDDING_DIM, tags=tags)
-    config = load_config(None, {"rounds": 1, "image-size": IMAGE_SIZE})
-    runner = LocalRunner(config, tmp_path, tmp_path)
+    tracker, parent, onnx_path, version = register_tiny_model(
+        tiny_model, mlflow_server, tmp_path, "faces-int8",
+        {"edgeface.threshold": 0.3, "edgeface.crop": json.dumps(list(CROP))})
+    runner = LocalRunner(load_config(None, {"rounds": 1, "image-size": IMAGE_SIZE}), tmp_path,
+                         tmp_path)
     evaluation_set = EvaluationSet(evaluation.plan, evaluation.images, evaluation.index)
 
     report = runner._publish_int8(tracker, parent, version, onnx_path, evaluation_set)
@@ -224,3 +232,20 @@ def test_int8_recorded_in_mlflow(
     assert fp32_source.threshold == 0.3
     fp32_outcome = verify_files(Embedder(fp32_source), a, b, 0.3)
     assert int8_outcome.similarity == pytest.approx(fp32_outcome.similarity, abs=0.1)
+
+
+def test_int8_failure_tagged_and_run_goes_on(
+    tiny_model: TinyModel, evaluation: Evaluation, mlflow_server: MlflowServer, tmp_path: Path,
+) -> None:
+    """A quantization failure becomes the version tag edgeface.int8.error, not a failed run."""
+    tracker, parent, onnx_path, version = register_tiny_model(
+        tiny_model, mlflow_server, tmp_path, "faces-int8-failure", {"edgeface.threshold": 0.3})
+    runner = LocalRunner(load_config(None, {"rounds": 1, "image-size": IMAGE_SIZE}), tmp_path,
+                         tmp_path)
+    onnx_path.write_bytes(b"not an ONNX model")  # broken after registration
+    evaluation_set = EvaluationSet(evaluation.plan, evaluation.images, evaluation.index)
+
+    assert runner._publish_int8(tracker, parent, version, onnx_path, evaluation_set) is None
+    tags = tracker.registry.get_version("faces-int8-failure", version.version).tags
+    assert "cannot load" in tags["edgeface.int8.error"]
+    assert "edgeface.int8.method" not in tags
