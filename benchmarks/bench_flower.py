@@ -18,7 +18,8 @@ edgeface's dependencies:
         --flower-python /tmp/flwr-venv/bin/python --repeats 3
 
 One run of each side varies by up to a few seconds from run to run on a 2-core machine, so
-`--repeats` runs each side several times and compares the median runs.
+`--repeats` runs each side several times and compares the middle runs by wall time (the
+median for an odd count).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def warm_caches(data: Path, overrides: dict[str, Any]) -> None:
 
 def run_edgeface(data: Path, out: Path, overrides: dict[str, Any],
                  name: str = "edgeface") -> dict[str, Any]:
+    """Time one `edgeface run`; its folder is OUT/NAME-run and its log OUT/NAME.log."""
     run_dir = out / f"{name}-run"
     shutil.rmtree(run_dir, ignore_errors=True)
     flags = [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
@@ -76,14 +78,15 @@ def run_edgeface(data: Path, out: Path, overrides: dict[str, Any],
 
 
 def run_flower(data: Path, out: Path, overrides: dict[str, Any],
-               flower_python: str) -> dict[str, Any]:
-    work = out / "flower-run"
+               flower_python: str, name: str = "flower") -> dict[str, Any]:
+    """Time one Flower simulation; its log is OUT/NAME.log and its result OUT/NAME-result.json."""
+    work = out / f"{name}-run"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    result_path = out / "flower-result.json"
+    result_path = out / f"{name}-result.json"
     command = [flower_python, "-m", "benchmarks.flower_app", "--data", str(data), "--out",
                str(work), "--result", str(result_path), "--config-json", json.dumps(overrides)]
-    measured = run_measured(command, cwd=REPO_ROOT, log_path=out / "flower.log",
+    measured = run_measured(command, cwd=REPO_ROOT, log_path=out / f"{name}.log",
                             env={"RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"})
     result = json.loads(result_path.read_text())
     return {**measured, **result, "command": " ".join(command[1:])}
@@ -109,10 +112,11 @@ def compare(edgeface: dict[str, Any], flower: dict[str, Any]) -> dict[str, Any]:
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Return the run with the median wall time, with the wall times of all runs added.
+    """Return the middle run by wall time, with the wall times of all runs added.
 
-    For an even count it is the faster of the two middle runs. `wall_seconds_runs` (and
-    `wall_seconds_to_final_evaluation_runs` for edgeface) list every run in order.
+    For an even count it is the faster of the two middle runs, so for 2 runs the faster one.
+    `wall_seconds_runs` (and `wall_seconds_to_final_evaluation_runs` for edgeface) list every
+    run in order.
     """
     chosen = dict(sorted(runs, key=lambda item: item["wall_seconds"])[(len(runs) - 1) // 2])
     for key in ("wall_seconds", "wall_seconds_to_final_evaluation"):
@@ -123,7 +127,9 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run(data: Path, out: Path, *, quick: bool, flower_python: str,
         nodes: int = 4, repeats: int = 1) -> dict[str, Any]:
-    """Run both sides `repeats` times, interleaved, and compare their median runs.
+    """Run both sides `repeats` times, interleaved, and compare their middle runs.
+
+    See `median_run` for which run is the middle one.
 
     Interleaving (edgeface, edgeface with the TorchScript exporter, Flower, then again) spreads
     any drift of the machine's speed over all three sides.
@@ -139,13 +145,16 @@ def run(data: Path, out: Path, *, quick: bool, flower_python: str,
 
     Tracker(f"sqlite:///{out / 'mlflow.db'}", "edgeface")  # migrate the schema before timing
     sides: dict[str, list[dict[str, Any]]] = {"edgeface": [], "torchscript": [], "flower": []}
-    for _ in range(repeats):
-        sides["edgeface"].append(run_edgeface(data, out, overrides))
+    for repeat in range(repeats):
+        suffix = f"-{repeat + 1}" if repeat else ""  # every run keeps its folder and log
+        sides["edgeface"].append(run_edgeface(data, out, overrides, name=f"edgeface{suffix}"))
         # The same run with the TorchScript ONNX exporter, which takes about 5 s less (see
         # edgeface.export); everything else is identical.
         sides["torchscript"].append(run_edgeface(
-            data, out, {**overrides, "exporter": "torchscript"}, name="edgeface-torchscript"))
-        sides["flower"].append(run_flower(data, out, overrides, flower_python))
+            data, out, {**overrides, "exporter": "torchscript"},
+            name=f"edgeface-torchscript{suffix}"))
+        sides["flower"].append(run_flower(data, out, overrides, flower_python,
+                                          name=f"flower{suffix}"))
     edgeface, fast_export, flower = (median_run(sides[key])
                                      for key in ("edgeface", "torchscript", "flower"))
     record = {"benchmark": "flower", "date": utc_now(), "machine": machine(),
@@ -167,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flower-python", required=True,
                         help="a Python with flwr[simulation] installed")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="runs of each side, compared by their medians (default 1)")
+                        help="runs of each side, compared by their middle runs "
+                             "(default 1; use an odd count)")
     args = parser.parse_args(argv)
     record = run(args.data, args.out, quick=args.quick, flower_python=args.flower_python,
                  nodes=args.nodes, repeats=args.repeats)

@@ -64,8 +64,9 @@ def flower_section(record: dict[str, Any]) -> str:
     text = table(["system", "wall s", "wall s to final evaluation", "accuracy",
                   "peak RSS MiB", "peak PSS MiB"], rows)
     if record.get("repeats", 1) > 1:
-        text += (f"\n\nEach row is the median of {record['repeats']} runs by wall time. All "
-                 "runs' wall seconds: " + "; ".join(
+        text += (f"\n\nEach row is the middle one of {record['repeats']} runs by wall time "
+                 "(of two middle runs, the faster), and its time to the final evaluation is "
+                 "that run's. All runs' wall seconds: " + "; ".join(
                      f"{label}: {', '.join(str(wall) for wall in side['wall_seconds_runs'])}"
                      for label, side in sides + [("Flower", theirs)]) + ".")
     text += (f"\n\nRatio edgeface / Flower: {comparison['edgeface_over_flower_wall']} "

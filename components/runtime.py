@@ -428,6 +428,7 @@ def read_updates(updates_dir: str, global_state: dict[str, torch.Tensor]) -> lis
         info = read_json(folder / UPDATE_INFO_FILE)
         info["state_path"] = folder / UPDATE_STATE_FILE
         info["reason"] = None if info["ok"] else (info["error"] or "unknown error")
+        info["state"] = None
         if info["ok"]:
             state, problem = steps.load_update(info["node"], info["state_path"],
                                                info["num_samples"], global_state)

@@ -336,12 +336,6 @@ def load_update(node: str, path: Path, num_samples: int,
     return (None, problem) if problem else (state, None)
 
 
-def update_problem(node: str, path: Path, num_samples: int,
-                   global_state: dict[str, torch.Tensor]) -> str | None:
-    """Return why the update file of `node` cannot be aggregated, or None when it can."""
-    return load_update(node, path, num_samples, global_state)[1]
-
-
 def quorum_error(round_index: int, rounds: int, usable: int, total: int,
                  dropped: dict[str, str], min_nodes: int, fix: str) -> QuorumError:
     """Return the error for a round with fewer usable updates than the quorum.

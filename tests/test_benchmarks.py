@@ -195,5 +195,5 @@ def test_flower_section_names_the_repeats() -> None:
               "repeats": 3}
     text = flower_section(record)
     assert "| edgeface run | 15.0 | 11.0 |" in text
-    assert "median of 3 runs" in text
+    assert "middle one of 3 runs" in text
     assert "edgeface run: 15.0, 14.0, 16.0; Flower: 19.0, 20.0, 18.5." in text
