@@ -324,7 +324,8 @@ def load_update(node: str, path: Path, num_samples: int,
 
     The reasons are those of `edgeface.aggregation.validate_update` (NaN or infinity, other
     keys, shapes or dtypes) and an unreadable file. Hand the state on to `aggregate_step`,
-    which then does not read the file a second time (15 ms per file for the default model).
+    which then does not read the file a second time (about 15 ms per file for the
+    default model).
     """
     try:
         state = torch.load(path, weights_only=True)

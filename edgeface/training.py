@@ -105,8 +105,8 @@ class SGD:
     The arithmetic of `torch.optim.SGD(..., nesterov=True)` on CPU (its single-tensor path),
     operation for operation, so the weights are the same to the bit (tests/test_speed_paths.py).
     It exists because any `torch.optim.Optimizer` imports `torch._dynamo` when it is first
-    built: 1.4 s of CPU per process on this project's 2-core machine, paid by every worker in
-    its first round, while a node's round on ORL trains for about 0.4 s.
+    built: 1.4 to 1.7 s of CPU per process on this project's 2-core machine, paid by every
+    worker in its first round, while a node's round on ORL trains for about 0.3 s.
 
     `groups` are dicts with "params" and "weight_decay", as torch's optimizers take them.
     """

@@ -234,7 +234,7 @@ def test_int8_recorded_in_mlflow(
     assert int8_outcome.similarity == pytest.approx(fp32_outcome.similarity, abs=0.1)
 
 
-def test_int8_failure_tagged_and_run_goes_on(
+def test_int8_failure_becomes_version_tag(
     tiny_model: TinyModel, evaluation: Evaluation, mlflow_server: MlflowServer, tmp_path: Path,
 ) -> None:
     """A quantization failure becomes the version tag edgeface.int8.error, not a failed run."""

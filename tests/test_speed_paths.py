@@ -108,7 +108,7 @@ def test_sgd_matches_torch_sgd_bit_for_bit(momentum: float, weight_decay: float)
 
 
 def test_local_training_does_not_import_dynamo() -> None:
-    # torch.optim's optimizers import torch._dynamo on first use, 1.4 s of CPU per worker.
+    # torch.optim's optimizers import torch._dynamo on first use: 1.4 to 1.7 s of CPU each.
     script = (
         "import sys, torch\n"
         "from edgeface.config import ModelConfig, TrainConfig\n"
