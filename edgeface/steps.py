@@ -419,18 +419,15 @@ def spreadout_round(spreadout: SpreadOut, update_files: dict[str, Path], accepte
 
 
 def aggregate_step(strategy: Strategy, global_state: dict[str, torch.Tensor],
-                   update_files: dict[str, tuple[Path | dict[str, torch.Tensor], int,
-                                                 dict[str, float]]]):
+                   updates: dict[str, tuple[dict[str, torch.Tensor], int, dict[str, float]]]):
     """Fuse the node updates with `strategy`.
 
-    `update_files` maps each node to (its update file or the state `load_update` read from
-    it, its sample count, its training metrics).
+    `updates` maps each node to (the state `load_update` read, its sample count, its training
+    metrics).
     """
-    updates = []
-    for node, (source, num_samples, metrics) in sorted(update_files.items()):
-        state = source if isinstance(source, dict) else torch.load(source, weights_only=True)
-        updates.append(NodeUpdate(node=node, state=state, num_samples=num_samples, metrics=metrics))
-    return strategy.aggregate(global_state, updates)
+    node_updates = [NodeUpdate(node=node, state=state, num_samples=num_samples, metrics=metrics)
+                    for node, (state, num_samples, metrics) in sorted(updates.items())]
+    return strategy.aggregate(global_state, node_updates)
 
 
 @dataclass
