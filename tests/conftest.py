@@ -1,6 +1,7 @@
 """Shared fixtures: locations of the real face datasets that tests read in place."""
 
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,3 +60,13 @@ def run_workdir(path: Path) -> Iterator[Path]:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         patch.delenv("EDGEFACE_FAULTS", raising=False)
         yield path
+
+
+def restore_default_sigint() -> None:
+    """Reset SIGINT to its default action in a child process (Popen's `preexec_fn`).
+
+    A shell without job control starts background commands with SIGINT ignored, and children
+    inherit that. Python then installs no KeyboardInterrupt handler, so without this reset a
+    test that sends SIGINT times out whenever the suite runs in the background.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

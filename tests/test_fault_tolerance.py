@@ -30,7 +30,7 @@ from edgeface.errors import DataError, EdgefaceError, PartitionError
 from edgeface.runner import LocalRunner, TrainingResult, parse_faults
 from edgeface.tracking import Tracker, TrackingError, resolve_tracking_uri
 from edgeface.workers import exit_reason
-from conftest import run_workdir
+from conftest import restore_default_sigint, run_workdir
 
 ROUND_TIMEOUT = 25
 # max-parallel 2 pins the worker pool on every machine: worker-0 hosts node-0 and node-2,
@@ -208,6 +208,7 @@ def test_stop_signal_stops_workers(workdir: Path, orl_dir: Path, stop_signal: in
             [sys.executable, "-m", "edgeface.cli.main", "run", "--data", str(orl_dir), "--out",
              run_dir.name, *flags],
             cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+            preexec_fn=restore_default_sigint,
         )
     workers: set[int] = set()
     try:

@@ -687,6 +687,7 @@ def test_ui_serves_local_store(tmp_path: Path, onnx_file: Path) -> None:
     import sys
     import urllib.request
 
+    from conftest import restore_default_sigint
     from mlflow_server import free_port
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -699,6 +700,7 @@ def test_ui_serves_local_store(tmp_path: Path, onnx_file: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "edgeface.cli.main", "ui", "--port", str(port)], cwd=tmp_path,
         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        preexec_fn=restore_default_sigint,
     )
     try:
         line = process.stdout.readline()
