@@ -162,6 +162,20 @@ def summarize(state: BenchmarkState, folds: Sequence[int],
     return table
 
 
+def paired_gap(state: BenchmarkState, folds: Sequence[int]) -> tuple[float, int] | None:
+    """Return the mean gap (centralized minus federated) over folds where both settings
+    finished, and the number of such folds; None when there is no such fold.
+
+    The difference of the two settings' means would compare different folds while one
+    setting of a fold is still missing.
+    """
+    gaps = [state.runs[state.key(fold, "centralized")]["accuracy"]
+            - state.runs[state.key(fold, "federated")]["accuracy"]
+            for fold in folds
+            if state.done(fold, "federated") and state.done(fold, "centralized")]
+    return (statistics.fmean(gaps), len(gaps)) if gaps else None
+
+
 def parse_folds(text: str) -> list[int]:
     """Parse `0-9`, `3` or `0,2,5` into fold numbers."""
     folds: list[int] = []
@@ -181,7 +195,8 @@ def parse_folds(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="LFW folder with protocol files")
+    parser.add_argument("--data", type=Path,
+                        help="LFW folder with protocol files; required unless --report-only")
     parser.add_argument("--out", type=Path, default=Path("bench-view2"),
                         help="output folder; contains the state file and one run per fold")
     parser.add_argument("--folds", type=parse_folds, default=list(range(10)),
@@ -190,27 +205,47 @@ def main(argv: Sequence[str] | None = None) -> int:
                         default=["federated", "centralized"], help="settings to run per fold")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full",
                         help="full: the default config; reduced: a smoke test of a few minutes")
+    parser.add_argument("--report-only", action="store_true",
+                        help="print the results in the state file for --folds; train nothing")
     parser.add_argument("extra", nargs="*", help="extra flags for `edgeface run`, after --")
     args = parser.parse_args(argv)
+    if args.data is None and not args.report_only:
+        parser.error("--data is required to train: pass the LFW folder, as --data "
+                     "../shared/data/lfw, or add --report-only to print earlier results")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
 
     out = args.out.resolve()
     flags = [*BUDGETS[args.budget], *args.extra]
-    state = run_benchmark(args.folds, args.settings, flags, out,
-                          edgeface_trainer(args.data.resolve()))
+    if args.report_only:
+        if not (out / "view2-state.json").exists():
+            raise SystemExit(f"no state file {out / 'view2-state.json'}: run the benchmark "
+                             "with this --out first, or pass the --out of an earlier run")
+        state = BenchmarkState(out / "view2-state.json", flags)
+    else:
+        state = run_benchmark(args.folds, args.settings, flags, out,
+                              edgeface_trainer(args.data.resolve()))
+    for fold in args.folds:
+        for setting in args.settings:
+            if state.done(fold, setting):
+                run = state.runs[state.key(fold, setting)]
+                print(f"fold {fold} {setting}: accuracy {run['accuracy']:.4f}, "
+                      f"AUC {run.get('auc', float('nan')):.4f}")
     table = summarize(state, args.folds, args.settings)
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "budget": args.budget, "flags": flags, "folds": args.folds,
-              "summary": table, "runs": state.runs}
-    (out / "lfw_view2.json").write_text(json.dumps(result, indent=2) + "\n")
     for setting, row in table.items():
         print(f"{setting}: accuracy {row['mean']:.4f} +- {row['std']:.4f} over "
               f"{int(row['folds'])} fold(s)")
-    if {"federated", "centralized"} <= table.keys():
-        gap = table["centralized"]["mean"] - table["federated"]["mean"]
-        print(f"gap (centralized - federated): {100 * gap:.2f} points")
-    print(f"wrote {out / 'lfw_view2.json'}")
+    gap = paired_gap(state, args.folds)
+    if gap is not None and {"federated", "centralized"} <= set(args.settings):
+        print(f"gap (centralized - federated): {100 * gap[0]:.2f} points over the {gap[1]} "
+              "fold(s) with both settings")
+    if not args.report_only:
+        result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "machine": machine(), "budget": args.budget, "flags": flags,
+                  "folds": args.folds, "summary": table, "runs": state.runs,
+                  "gap": None if gap is None else {"points": 100 * gap[0], "folds": gap[1]}}
+        (out / "lfw_view2.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out / 'lfw_view2.json'}")
     return 0
 
 

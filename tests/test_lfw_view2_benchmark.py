@@ -86,6 +86,45 @@ def test_view2_summary_mean_and_std(tmp_path: Path) -> None:
     assert table["centralized"]["folds"] == 2
 
 
+def test_view2_gap_pairs_folds(tmp_path: Path) -> None:
+    state = view2.run_benchmark([0, 2], ["federated", "centralized"], [], tmp_path, FakeTrainer())
+    view2.run_benchmark([5], ["federated"], [], tmp_path, FakeTrainer())
+    # Fold 5 has no centralized run yet, so the gap leaves it out: federated 0.80 and 0.82,
+    # centralized 0.82 and 0.84. The difference of the means (0.830 - 0.823) would be smaller.
+    gap, folds = view2.paired_gap(view2.BenchmarkState(tmp_path / "view2-state.json", []),
+                                  [0, 2, 5])
+    assert folds == 2
+    assert gap == pytest.approx(0.02)
+    assert view2.paired_gap(state, [7]) is None
+
+
+def test_view2_report_only_trains_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    view2.run_benchmark([1, 3], ["federated", "centralized"], ["--rounds", "2"], tmp_path,
+                        FakeTrainer())
+    before = (tmp_path / "view2-state.json").read_bytes()
+
+    assert view2.main(["--out", str(tmp_path), "--folds", "0-9", "--report-only",
+                       "--", "--rounds", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "fold 3 centralized: accuracy 0.8500" in printed
+    assert "federated: accuracy 0.8200 +- 0.0100 over 2 fold(s)" in printed
+    assert "2.00 points over the 2 fold(s)" in printed
+    assert (tmp_path / "view2-state.json").read_bytes() == before
+    assert not (tmp_path / "lfw_view2.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fold-1", "fold-3", "view2-state.json"]
+
+
+def test_view2_report_only_needs_state(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no state file"):
+        view2.main(["--out", str(tmp_path / "missing"), "--report-only"])
+
+
+def test_view2_training_needs_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        view2.main(["--out", str(tmp_path)])
+    assert "--data is required" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("text", "folds"), [("3", [3]), ("0,2,5", [0, 2, 5]),
                                              ("0-9", list(range(10))), ("7-8,1", [1, 7, 8])])
 def test_view2_parses_folds(text: str, folds: list[int]) -> None:
