@@ -41,7 +41,8 @@ import yaml
 from edgeface import __version__, steps
 from edgeface.config import RunConfig
 from edgeface.data.cache import dataset_fingerprint
-from edgeface.errors import DataError, EdgefaceError
+from edgeface.tracking import redact_uri
+from edgeface.errors import ConfigError, DataError, EdgefaceError
 from edgeface.workers import (
     FAULT_KINDS,
     WorkerProcess,
@@ -243,6 +244,11 @@ class LocalRunner:
     def _check_run_dir(self) -> None:
         """Reject a new run into a folder that contains a run, and a resume that cannot work."""
         if not self.resume:
+            if self.state_path.exists() and self._read_state().get("status") == "finished":
+                raise EdgefaceError(
+                    f"run directory {self.run_dir} already contains a finished run (see "
+                    "summary.json there): choose a new --out folder"
+                )
             if self.state_path.exists():
                 raise EdgefaceError(
                     f"run directory {self.run_dir} already contains a run: resume it with "
@@ -266,6 +272,19 @@ class LocalRunner:
                 f"cannot resume {self.run_dir}: it was started with config hash {saved_hash}, "
                 f"not {self.config.config_hash()}. Resume with the run's own config.yaml and no "
                 "config flags, or start a new run directory"
+            )
+
+    def _check_tracking_uri(self, tracking_uri: str) -> None:
+        """Reject a resume that would track in another MLflow store than the run started in.
+
+        Checked before anything is written, so the other store gets no experiment or run.
+        """
+        recorded = self._read_state().get("tracking_uri")
+        if recorded and recorded != tracking_uri:
+            raise ConfigError(
+                f"cannot resume {self.run_dir}: it is tracked in {recorded}, but this command "
+                f"would track in {tracking_uri}. Set MLFLOW_TRACKING_URI={recorded} (the run's "
+                "config.yaml keeps its own tracking-uri, if it has one) and resume again"
             )
 
     def _check_fingerprint(self, fingerprint: str) -> None:
@@ -344,6 +363,8 @@ class LocalRunner:
         self._check_faults()
         tracking_uri = tracking.resolve_tracking_uri(self.config.tracking.tracking_uri,
                                                      Path.cwd())
+        if self.resume:
+            self._check_tracking_uri(redact_uri(tracking_uri))
         if self.resume:
             self._lock_run_dir()
         try:
@@ -447,7 +468,7 @@ class LocalRunner:
                 "edgeface.run_dir": str(self.run_dir.resolve())}
         parent = tracker.start_parent(self.run_dir.name, self.config.to_dict(), tags,
                                       resume_run_id=state.get("parent_run_id"))
-        self._write_state(parent_run_id=parent, tracking_uri=tracker.tracking_uri)
+        self._write_state(parent_run_id=parent, tracking_uri=redact_uri(tracker.tracking_uri))
         return parent
 
     def _run_tracked(self, tracker: Tracker, parent: str, images_root: Path,
@@ -662,6 +683,12 @@ class LocalRunner:
                 for reply in replies.values() if reply.get("ok"))
             outcome = self._screen_replies(round_index, replies, global_state)
             self._log_node_results(tracker, children, round_index, replies, outcome)
+            if len(outcome.updates) < strategy.min_nodes:
+                # The round fails below: record its node counts before the QuorumError, as a
+                # fused round records them after aggregation.
+                tracker.log_metrics(parent, {"failed_nodes": float(len(outcome.failures)),
+                                             "rejected_nodes": float(len(outcome.rejected)),
+                                             "accepted_nodes": 0.0}, step=round_index)
             self._check_quorum(round_index, outcome, strategy)
             with steps.timed("aggregate", self.timings):
                 aggregated = steps.aggregate_step(strategy, global_state, outcome.updates)
@@ -942,7 +969,7 @@ class LocalRunner:
                      "parity_ok": parity.ok, "decisions_match": parity.decisions_match,
                      "opset": self.config.export.opset,
                      "exporter": self.config.export.exporter},
-            "mlflow": {"tracking_uri": tracker.tracking_uri, "run_id": parent,
+            "mlflow": {"tracking_uri": redact_uri(tracker.tracking_uri), "run_id": parent,
                        "experiment": self.config.tracking.experiment,
                        "model_name": version.name, "model_version": version.version,
                        "alias": self.config.tracking.alias},

@@ -133,6 +133,21 @@ def resolve_tracking_uri(explicit: str | None, workdir: Path) -> str:
     return uri
 
 
+def redact_uri(uri: str) -> str:
+    """Return `uri` with any user name and password replaced by `***`, for files and logs.
+
+    MLflow takes credentials from MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, but a
+    URI such as http://user:secret@host:5000 also works and must not be written out.
+    """
+    scheme, separator, rest = uri.partition("://")
+    if not separator:
+        return uri
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return uri
+    return f"{scheme}://***@{authority.rsplit('@', 1)[1]}{slash}{path}"
+
+
 def default_artifact_location(tracking_uri: str) -> str | None:
     """Return `<database folder>/mlartifacts` for a SQLite file URI, else None.
 

@@ -108,3 +108,42 @@ def test_no_dataset_explains_fetch(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     assert code == 2
     assert "no dataset given: pass --data DATASET_DIR or set EDGEFACE_DATA" in caplog.text
+
+
+def resumable_run(tmp_path: Path) -> Path:
+    """Return a run folder with the files `--resume` reads first: config.yaml, state.json."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("train:\n  rounds: 2\n")
+    (run_dir / "state.json").write_text('{"status": "interrupted", "rounds_completed": 1}')
+    return run_dir
+
+
+def test_resume_missing_folder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    missing = tmp_path / "nope"
+
+    assert main(["run", "--resume", str(missing)]) == 2
+
+    assert f"cannot resume {missing}: folder not found" in caplog.text
+    assert "config.yaml" not in caplog.text
+
+
+def test_resume_rejects_other_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = resumable_run(tmp_path)
+    other = tmp_path / "other"
+
+    assert main(["run", "--resume", str(run_dir), "--out", str(other)]) == 2
+
+    assert f"--out {other} does not apply" in caplog.text
+    assert not other.exists()
+
+
+def test_resume_names_config_flags(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = resumable_run(tmp_path)
+
+    assert main(["run", "--resume", str(run_dir), "--rounds", "3", "--lr", "0.2"]) == 2
+
+    assert "but got " in caplog.text
+    assert "--rounds" in caplog.text
+    assert "--lr" in caplog.text
+    assert "rounds: 2" in (run_dir / "config.yaml").read_text()

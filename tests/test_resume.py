@@ -129,6 +129,31 @@ def test_failed_run_keeps_earlier_rounds(quorum_failure, workdir: Path) -> None:
     assert run.info.status == "FAILED"
 
 
+def test_failed_round_logs_node_counts(quorum_failure, workdir: Path) -> None:
+    _, _, state, _, _ = quorum_failure
+    tracker = tracker_for(workdir)
+    parent = state["parent_run_id"]
+    # Round 2 (step 1) failed its quorum: node-1's NaN update was rejected, none was fused.
+    assert (1, 1.0) in tracker.metric_history(parent, "rejected_nodes")
+    assert (1, 0.0) in tracker.metric_history(parent, "failed_nodes")
+    assert (1, 0.0) in tracker.metric_history(parent, "accepted_nodes")
+
+
+def test_resume_rejects_other_store(quorum_failure, orl_dir: Path, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir, _, _, _, _ = quorum_failure
+    other = tmp_path / "other.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    before = (run_dir / "state.json").read_text()
+
+    with pytest.raises(EdgefaceError, match="it is tracked in sqlite:///") as raised:
+        LocalRunner(tiny_config(), orl_dir, run_dir, resume=True, progress=False).train()
+
+    assert f"MLFLOW_TRACKING_URI={json.loads(before)['tracking_uri']}" in str(raised.value)
+    assert not other.exists()
+    assert (run_dir / "state.json").read_text() == before
+
+
 def test_resume_after_quorum_failure_matches_reference(
     quorum_failure, reference: TrainingResult, orl_dir: Path, workdir: Path
 ) -> None:
@@ -179,6 +204,15 @@ def test_resume_rejects_finished_run(tmp_path: Path, orl_dir: Path) -> None:
     (run_dir / "state.json").write_text(json.dumps({"status": "finished", "rounds_completed": 2}))
     with pytest.raises(EdgefaceError, match="has finished"):
         LocalRunner(tiny_config(), orl_dir, run_dir, resume=True, progress=False).train()
+
+
+def test_new_run_into_finished_folder(tmp_path: Path, orl_dir: Path) -> None:
+    run_dir = tmp_path / "done"
+    run_dir.mkdir()
+    (run_dir / "state.json").write_text(json.dumps({"status": "finished", "rounds_completed": 2}))
+    with pytest.raises(EdgefaceError, match="already contains a finished run") as raised:
+        LocalRunner(tiny_config(), orl_dir, run_dir, progress=False).train()
+    assert "--resume" not in str(raised.value)
 
 
 def test_resume_without_state_explains(tmp_path: Path, orl_dir: Path) -> None:

@@ -42,6 +42,7 @@ from edgeface.tracking import (
     default_artifact_location,
     download_model,
     flatten_params,
+    redact_uri,
     register_onnx_model,
     resolve_tracking_uri,
 )
@@ -128,6 +129,17 @@ def closed_port() -> int:
 # ---------------------------------------------------------------------------------------------
 # Pure helpers
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("http://user:secret@host:5000/path", "http://***@host:5000/path"),
+    ("https://token@mlflow.example.com", "https://***@mlflow.example.com"),
+    ("http://host:5000", "http://host:5000"),
+    ("sqlite:////tmp/a@b/mlflow.db", "sqlite:////tmp/a@b/mlflow.db"),
+    ("databricks", "databricks"),
+])
+def test_redact_uri_hides_credentials(uri: str, expected: str) -> None:
+    assert redact_uri(uri) == expected
 
 
 def test_resolve_uri_prefers_explicit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -110,14 +110,32 @@ def run_command(args: argparse.Namespace) -> int:
 
     if args.resume:
         run_dir = args.resume
+        if not run_dir.is_dir():
+            problem = "it is not a folder" if run_dir.exists() else "folder not found"
+            raise ConfigError(
+                f"cannot resume {run_dir}: {problem}. Pass the folder of an earlier "
+                "`edgeface run --out`"
+            )
         config_path = run_dir / "config.yaml"
         if not config_path.is_file():
             raise ConfigError(
                 f"cannot resume {run_dir}: no config.yaml there. Pass the folder of an earlier "
                 "`edgeface run --out`"
             )
-        if collect_overrides(args) or args.config:
-            raise ConfigError("--resume takes no --config or config flags: the run keeps its config")
+        if args.out is not None and args.out.resolve() != run_dir.resolve():
+            raise ConfigError(
+                f"--resume {run_dir} continues the run in that folder, so --out {args.out} "
+                "does not apply: drop --out, or start a new run in it without --resume"
+            )
+        given_flags = [f"--{flag}" for flag in collect_overrides(args)]
+        if args.config:
+            given_flags.insert(0, f"--config {args.config}")
+        if given_flags:
+            raise ConfigError(
+                "--resume takes no --config or config flags, but got "
+                f"{', '.join(given_flags)}: the run keeps its own config.yaml. Drop them, or "
+                "start a new run with them"
+            )
         config = load_config(config_path)
         state = _read_run_state(run_dir / "state.json")
         data_dir = _dataset_folder(args.data, state.get("data_dir"))
