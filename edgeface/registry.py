@@ -92,11 +92,30 @@ def open_store(tracking_uri: str | None) -> ModelRegistry:
     uri = tracking.resolve_tracking_uri(tracking_uri, Path.cwd())
     database = sqlite_database(uri)
     if database is not None and not database.is_file():
-        raise RegistryError(
-            f"no MLflow store at {database}: run `edgeface run` in this folder first, or pass "
-            "--tracking-uri (or set MLFLOW_TRACKING_URI) to the store that contains your models"
-        )
+        raise RegistryError(_missing_store_message(tracking_uri, uri, database))
     return ModelRegistry(uri)
+
+
+def _missing_store_message(tracking_uri: str | None, uri: str, database: Path) -> str:
+    """Describe a missing SQLite store, naming the setting it came from and not suggesting
+    a setting that the user already gave."""
+    if tracking_uri is not None:
+        return (
+            f"MLflow store not found: --tracking-uri {uri} names {database}, which does not "
+            "exist. Check the path, or run `edgeface run` with this tracking URI first to "
+            "create the store"
+        )
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return (
+            f"MLflow store not found: MLFLOW_TRACKING_URI={uri} names {database}, which does "
+            "not exist. Check the path, or run `edgeface run` with this tracking URI first to "
+            "create the store"
+        )
+    return (
+        f"MLflow store not found at {database}: run `edgeface run` in this folder first, or "
+        "pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the store that contains your "
+        "models"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -815,9 +834,37 @@ LINEAGE_TAGS = {
 }
 
 
+# Tags that contain numbers, with their type. MLflow stores every tag as a string, so
+# `describe_version` converts these back. Keys are relative to their group's prefix.
+INT8_NUMBER_FIELDS = {"verification_accuracy": float, "accuracy_delta": float,
+                      "latency_p50_ms": float, "threshold": float, "size_bytes": int,
+                      "calibration_images": int}
+FP32_NUMBER_FIELDS = {"verification_accuracy": float, "latency_p50_ms": float, "size_bytes": int}
+LINEAGE_NUMBER_FIELDS = {"nodes": int, "rounds": int}
+ONNX_NUMBER_FIELDS = {"image_size": int, "embedding_dim": int}
+
+
 def _group(tags: Mapping[str, str], prefix: str) -> dict[str, str]:
     return {key[len(prefix):]: value for key, value in sorted(tags.items())
             if key.startswith(prefix)}
+
+
+def _convert_numbers(values: dict[str, Any], fields: Mapping[str, type]) -> dict[str, Any]:
+    """Convert the tag values named in `fields` to int or float.
+
+    A value that does not parse as its type (an older or hand-written tag) stays the tag's
+    string, so the description still shows what is stored.
+    """
+    converted = dict(values)
+    for key, number_type in fields.items():
+        text = values.get(key)
+        if not isinstance(text, str):
+            continue
+        try:
+            converted[key] = number_type(text)
+        except ValueError:
+            continue
+    return converted
 
 
 def describe_version(info: ModelVersionInfo) -> dict[str, Any]:
@@ -833,16 +880,18 @@ def describe_version(info: ModelVersionInfo) -> dict[str, Any]:
         "run_id": info.run_id,
         "metrics": metrics,
         "threshold": _parse_float(tags.get(THRESHOLD_TAG)),
-        "lineage": {label: tags.get(key) for label, key in LINEAGE_TAGS.items()},
-        "onnx": {
+        "lineage": _convert_numbers(
+            {label: tags.get(key) for label, key in LINEAGE_TAGS.items()}, LINEAGE_NUMBER_FIELDS
+        ),
+        "onnx": _convert_numbers({
             "parity_ok": is_true(tags.get(PARITY_TAG)) if PARITY_TAG in tags else None,
             "max_abs_diff": _parse_float(tags.get("edgeface.onnx_max_abs_diff")),
             "image_size": tags.get("edgeface.image_size"),
             "embedding_dim": tags.get("edgeface.embedding_dim"),
             "crop": tags.get("edgeface.crop"),
-        },
-        "int8": _group(tags, "edgeface.int8."),
-        "fp32": _group(tags, "edgeface.fp32."),
+        }, ONNX_NUMBER_FIELDS),
+        "int8": _convert_numbers(_group(tags, "edgeface.int8."), INT8_NUMBER_FIELDS),
+        "fp32": _convert_numbers(_group(tags, "edgeface.fp32."), FP32_NUMBER_FIELDS),
         "promotion": _group(tags, PROMOTION_TAG_PREFIX),
         "rollback": _group(tags, ROLLBACK_TAG_PREFIX),
     }

@@ -355,3 +355,67 @@ def test_threshold_in_cosine_range_accepted(value: str) -> None:
     from edgeface.cli.inference import cosine_threshold
 
     assert cosine_threshold(value) == float(value)
+
+
+CROP_TEXT = "0.2,0.18,0.8,0.82"
+
+
+@pytest.mark.parametrize("argv", [
+    ["verify", "a.jpg", "b.jpg", "--crop", CROP_TEXT],
+    ["verify", "--crop", CROP_TEXT, "a.jpg", "b.jpg"],
+    ["verify", "a.jpg", "b.jpg", "--crop", "0.2", "0.18", "0.8", "0.82"],
+    ["verify", "--crop", "0.2", "0.18", "0.8", "0.82", "a.jpg", "b.jpg"],
+    ["--log-level", "DEBUG", "verify", "--crop", "0.2", "0.18", "0.8", "0.82", "a.jpg", "b.jpg"],
+])
+def test_crop_comma_and_space_forms(argv: list[str]) -> None:
+    """Both --crop forms give the same box, and the image paths stay positional."""
+    from edgeface.cli.inference import join_crop_values
+    from edgeface.cli.main import build_parser
+
+    args = build_parser().parse_args(join_crop_values(argv))
+
+    assert args.crop == CROP
+    assert args.image_a == Path("a.jpg")
+    assert args.image_b == Path("b.jpg")
+
+
+@pytest.mark.parametrize("command", [["embed", "a.jpg"], ["identify", "a.jpg", "--gallery", "g"]])
+def test_crop_comma_form_other_commands(command: list[str]) -> None:
+    from edgeface.cli.main import build_parser
+
+    args = build_parser().parse_args([*command, "--crop", CROP_TEXT])
+
+    assert args.crop == CROP
+
+
+def test_crop_join_leaves_run_unchanged() -> None:
+    from edgeface.cli.inference import join_crop_values
+
+    argv = ["run", "--crop", "0", "0", "1", "1"]
+
+    assert join_crop_values(argv) == argv
+
+
+def test_crop_space_form_reaches_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`main` joins the space form, so parsing passes and the missing model is reported."""
+    from edgeface.cli.main import main
+
+    code = main(["verify", "--crop", "0.2", "0.18", "0.8", "0.82", "a.jpg", "b.jpg",
+                 "--model", str(tmp_path / "none.onnx")])
+
+    assert code == 2
+    assert "ONNX model not found" in caplog.text
+
+
+@pytest.mark.parametrize("value", ["0.1,0.2,0.9", "0.1,0.2,0.9,0.8,0.5", "a,b,c,d", "0.5",
+                                   "0.1,nan,0.9,0.8"])
+def test_crop_invalid_value_rejected(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgeface.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verify", "a.jpg", "b.jpg", "--crop", value])
+
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument --crop: invalid crop {value!r}" in error
+    assert "expected 4 numbers LEFT,TOP,RIGHT,BOTTOM" in error

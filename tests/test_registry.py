@@ -32,13 +32,14 @@ from edgeface.registry import (
     LOCK_EXPIRES_TAG,
     LOCK_MODEL_SUFFIX,
     LOCK_OWNER_TAG,
+    describe_version,
     promote,
     read_alias_history,
     register_version,
     registry_lock,
     rollback,
 )
-from edgeface.tracking import ModelRegistry, Tracker
+from edgeface.tracking import ModelRegistry, ModelVersionInfo, Tracker
 
 IMAGE_SIZE = 16
 EMBEDDING_DIM = 4
@@ -640,7 +641,7 @@ def test_models_list_and_show(
     assert listed[second]["metrics"]["verification_accuracy_mean"] == 0.74
     assert listed[second]["lineage"]["dataset_fingerprint"] == "fingerprint-abc"
     assert listed[second]["lineage"]["config_hash"] == "cfg0123"
-    assert listed[second]["lineage"]["rounds"] == "3"
+    assert listed[second]["lineage"]["rounds"] == 3
     assert listed[second]["onnx"]["parity_ok"] is True
 
     code, output = cli(capsys, "models", "show", f"{model_name}@champion", "--format", "json",
@@ -664,12 +665,170 @@ def test_models_list_and_show(
 
 def test_models_commands_reject_missing_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     code, _ = cli(capsys, "models", "list")
     assert code == 2
     assert not (tmp_path / "mlflow.db").exists()
+    assert f"MLflow store not found at {tmp_path / 'mlflow.db'}" in caplog.text
+    assert "pass --tracking-uri" in caplog.text
+
+
+def test_missing_store_names_given_uri(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The error names the --tracking-uri value and does not suggest passing the flag."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    database = tmp_path / "x" / "nosuch.db"
+    uri = f"sqlite:///{database}"
+
+    code, _ = cli(capsys, "models", "list", "--tracking-uri", uri)
+
+    assert code == 2
+    assert not database.exists()
+    assert f"--tracking-uri {uri} names {database}, which does not exist" in caplog.text
+    assert "Check the path" in caplog.text
+    assert "`edgeface run`" in caplog.text
+    assert "pass --tracking-uri" not in caplog.text
+
+
+def test_missing_store_names_environment_uri(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    database = tmp_path / "nosuch.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+
+    code, _ = cli(capsys, "models", "show", "edgeface")
+
+    assert code == 2
+    assert f"MLFLOW_TRACKING_URI=sqlite:///{database} names {database}" in caplog.text
+    assert "set MLFLOW_TRACKING_URI" not in caplog.text
+
+
+# Accuracy deltas of the int8 variant for the versions of `local_store`, in order.
+INT8_DELTAS = (0.005333333333, -0.002, 0.0)
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory: pytest.TempPathFactory, onnx_file: Path) -> str:
+    """Return the URI of a SQLite store with model `faces-local`: three versions carrying
+    int8 and fp32 tags as `edgeface run` writes them, one per delta in INT8_DELTAS."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('local-store') / 'mlflow.db'}"
+    local = Tracker(uri, "models-output")
+    for index, delta in enumerate(INT8_DELTAS):
+        parent = local.start_parent(f"run-{index}", {"seed": index})
+        int8_tags = {
+            "edgeface.int8.method": "static",
+            "edgeface.int8.artifact": "edgeface.int8.onnx",
+            "edgeface.int8.verification_accuracy": 0.8 + delta,
+            "edgeface.int8.accuracy_delta": delta,
+            "edgeface.int8.latency_p50_ms": 1.25,
+            "edgeface.int8.size_bytes": 4096,
+            "edgeface.int8.calibration_images": 64,
+            "edgeface.int8.threshold": 0.41,
+            "edgeface.fp32.latency_p50_ms": 2.5,
+            "edgeface.fp32.size_bytes": 16384,
+        }
+        register_version(local, parent, onnx_file, "faces-local", image_size=IMAGE_SIZE,
+                         embedding_dim=EMBEDDING_DIM,
+                         tags={**version_tags(0.8), **int8_tags})
+    return uri
+
+
+def test_models_list_int8_delta_column(
+    local_store: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every int8 delta has a sign and four decimals, whatever the tag's digits."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    code, output = cli(capsys, "models", "list", "faces-local", "--tracking-uri", local_store)
+
+    assert code == 0
+    header, *rows = output.splitlines()
+    assert len(rows) == len(INT8_DELTAS)
+    column = header.index("int8 delta")
+    deltas = {int(row.split()[0]): row[column:column + len("int8 delta")].strip()
+              for row in rows}
+    assert deltas == {1: "+0.0053", 2: "-0.0020", 3: "+0.0000"}
+
+
+def test_models_show_json_numbers(
+    local_store: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Numeric tags become JSON numbers, and text tags stay strings."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    code, output = cli(capsys, "models", "show", "faces-local/1", "--format", "json",
+                       "--tracking-uri", local_store)
+
+    assert code == 0
+    described = json.loads(output)
+    int8, fp32 = described["int8"], described["fp32"]
+    assert int8["accuracy_delta"] == pytest.approx(INT8_DELTAS[0])
+    assert isinstance(int8["accuracy_delta"], float)
+    assert int8["verification_accuracy"] == pytest.approx(0.8 + INT8_DELTAS[0])
+    assert int8["latency_p50_ms"] == 1.25
+    assert int8["threshold"] == 0.41
+    assert int8["size_bytes"] == 4096
+    assert isinstance(int8["size_bytes"], int)
+    assert int8["calibration_images"] == 64
+    assert int8["method"] == "static"
+    assert int8["artifact"] == "edgeface.int8.onnx"
+    assert fp32 == {"latency_p50_ms": 2.5, "size_bytes": 16384}
+    assert described["onnx"]["image_size"] == IMAGE_SIZE
+    assert described["onnx"]["embedding_dim"] == EMBEDDING_DIM
+    assert described["lineage"]["rounds"] == 3
+    assert described["lineage"]["code_version"] == "0.1.0"
+    assert described["metrics"]["verification_accuracy_mean"] == 0.8
+
+
+def test_describe_version_keeps_unparsable_tags() -> None:
+    """A numeric field whose tag is not a number keeps the stored string."""
+    info = ModelVersionInfo(
+        name="faces", version=1, model_uri="models:/faces/1", run_id=None,
+        tags={"edgeface.int8.size_bytes": "unknown", "edgeface.int8.latency_p50_ms": "0.5",
+              "edgeface.int8.error": "cannot load", "edgeface.rounds": "3.5"},
+    )
+
+    described = describe_version(info)
+
+    assert described["int8"] == {"size_bytes": "unknown", "latency_p50_ms": 0.5,
+                                 "error": "cannot load"}
+    assert described["lineage"]["rounds"] == "3.5"
+
+
+def test_models_show_closed_pipe_quiet(local_store: str, tmp_path: Path) -> None:
+    """A reader that closes stdout early (`| head`) gets no traceback and status 141."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgeface.cli.main", "models", "show", "faces-local/1",
+         "--format", "json", "--tracking-uri", local_store],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    # The child needs seconds to import MLflow, so the pipe is closed before it writes.
+    process.stdout.close()
+    try:
+        stderr = process.stderr.read().decode()
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+
+    assert code == 141, stderr
+    assert "Traceback" not in stderr
+    assert "BrokenPipeError" not in stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+INFERENCE_COMMANDS = ("embed", "verify", "identify")
+CROP_EXAMPLE = "0.33,0.31,0.67,0.70"
 
 MODEL_HELP = (
     "registered model (models:/NAME@ALIAS or models:/NAME/VERSION) or a path to an .onnx file "
@@ -30,8 +35,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri",
                         help="MLflow tracking URI for models:/ (default: $MLFLOW_TRACKING_URI, "
                              "else sqlite:///./mlflow.db)")
-    parser.add_argument("--crop", type=float, nargs=4, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
-                        help="face box as fractions of the image (default: the model's)")
+    parser.add_argument("--crop", type=crop_box, metavar="LEFT,TOP,RIGHT,BOTTOM",
+                        help="face box as fractions of the image width and height, such as "
+                             f"{CROP_EXAMPLE}, as `edgeface run --crop` takes it; four values "
+                             "separated by spaces are also accepted (default: the model's)")
     parser.add_argument("--cache-dir", type=Path,
                         help="folder for downloaded models and gallery embeddings (default "
                              "$EDGEFACE_CACHE_DIR or ~/.cache/edgeface)")
@@ -100,6 +107,57 @@ def cosine_threshold(text: str) -> float:
             f"invalid threshold {text}: a cosine similarity lies in [-1, 1], so use a value "
             "from -1 to 1, such as 0.3")
     return value
+
+
+def crop_box(text: str) -> tuple[float, float, float, float]:
+    """Parse a --crop value: four comma-separated fractions LEFT,TOP,RIGHT,BOTTOM.
+
+    The order of the box (left < right, top < bottom, inside 0..1) is checked later, by
+    `PreprocessSpec`, with the model's other preprocessing settings.
+    """
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        values = tuple(float(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4 or not all(math.isfinite(value) for value in values):
+        raise argparse.ArgumentTypeError(
+            f"invalid crop {text!r}: expected 4 numbers LEFT,TOP,RIGHT,BOTTOM as fractions of "
+            f"the image, such as {CROP_EXAMPLE}"
+        )
+    return values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def join_crop_values(argv: Sequence[str]) -> list[str]:
+    """Rewrite `--crop L T R B` as `--crop L,T,R,B` in the arguments of an inference command.
+
+    The inference commands took the crop as four separate values before they took the
+    comma-separated form of `edgeface run`. argparse cannot give one option either one or four
+    values: `nargs="+"` would also consume the image paths in `verify --crop 0 0 1 1 A B`. So
+    the old form is joined before parsing. Arguments of other commands are returned unchanged.
+    """
+    result = list(argv)
+    command_seen = False
+    index = 0
+    while index < len(result):
+        token = result[index]
+        if token == "--":
+            break
+        command_seen = command_seen or token in INFERENCE_COMMANDS
+        values = result[index + 1:index + 5]
+        if (command_seen and token == "--crop" and len(values) == 4
+                and all(_is_number(value) for value in values)):
+            result[index + 1:index + 5] = [",".join(values)]
+        index += 1
+    return result
 
 
 def _embedder(args: argparse.Namespace) -> Any:

@@ -101,9 +101,11 @@ def _handle_sigterm() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from edgeface.cli.inference import join_crop_values
+
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_crop_values(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -126,8 +128,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    """Run `main` on the command line's arguments and exit with its code: the `edgeface` program."""
-    code = main()
+    """Run `main` on the command line's arguments and exit with its code: the `edgeface` program.
+
+    When the reader closes stdout early (`edgeface models show edgeface | head`), the program
+    exits quietly with 141, the status of a process stopped by SIGPIPE.
+    """
+    try:
+        code = main()
+        # Output to a pipe is buffered, so a closed pipe often shows only at this flush.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python ignores SIGPIPE, so a write to a closed pipe raises instead of stopping the
+        # process. Point stdout at devnull so that the flush at interpreter exit cannot raise
+        # again and print a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 128 + signal.SIGPIPE
     # Interpreter shutdown runs full garbage collections over every object of torch, MLflow
     # and onnx: 3.4 s after an `edgeface run` on a 2-core machine at load average 4, 0.5 s
     # with the objects frozen. Nothing needs collecting once the command is done.

@@ -141,6 +141,15 @@ def _number(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _signed(value: Any, digits: int = 4) -> str:
+    """Format a difference with its sign and fixed decimals (`+0.0053`, `-0.0020`)."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:+.{digits}f}"
+    return str(value)
+
+
 def _print_json(payload: Any) -> None:
     print(json.dumps(payload, indent=2, sort_keys=True, default=str))
 
@@ -175,7 +184,7 @@ def run_list(args: argparse.Namespace) -> int:
               f"{_number(metrics.get('verification_accuracy_mean')):>8} "
               f"{_number(metrics.get('verification_auc'), 3):>6} "
               f"{_number(item['threshold']):>9} {parity:>6}  "
-              f"{item['int8'].get('accuracy_delta', '-')[:10]:>10}  "
+              f"{_signed(item['int8'].get('accuracy_delta'))[:10]:>10}  "
               f"{lineage['rounds'] or '-':>6}  {lineage['partition'] or '-':<9}  "
               f"{lineage['parent_run_id'] or '-'}")
     return 0
@@ -213,7 +222,9 @@ def format_version(description: dict[str, Any]) -> str:
     for section in ("int8", "fp32", "promotion", "rollback"):
         if description[section]:
             lines.append(f"  {section}:")
-            lines.extend(f"    {key}: {value}" for key, value in description[section].items())
+            for key, value in description[section].items():
+                text = _signed(value) if key == "accuracy_delta" else _number(value)
+                lines.append(f"    {key}: {text}")
     return "\n".join(lines)
 
 
