@@ -152,9 +152,11 @@ def _options(args: argparse.Namespace):
     from pipelines.federated import DEFAULT_TASK_TIMEOUT_S, make_options, pipeline_config
 
     if args.fleet is None:
+        # Only submit and schedule have --package, so only they suggest it.
+        package_hint = (", or --package PIPELINE.yaml with a file from `edgeface pipeline "
+                        "compile`" if hasattr(args, "package") else "")
         raise ConfigError("no fleet file given: pass --fleet FLEET.yaml (for example "
-                          "pipelines/fleet.example.yaml), or --package PIPELINE.yaml to submit "
-                          "or schedule a compiled pipeline")
+                          f"pipelines/fleet.example.yaml){package_hint}")
     if args.rounds is not None and args.rounds < 1:
         raise ConfigError(f"invalid --rounds {args.rounds}: expected 1 or more")
     fleet = load_fleet(args.fleet)
@@ -171,6 +173,103 @@ def run_compile(args: argparse.Namespace) -> int:
     print(f"pipeline: {path} ({len(options.fleet.nodes)} nodes x {options.rounds} rounds, "
           f"{options.mode} data, {path.stat().st_size / 1024:.0f} KiB)")
     return 0
+
+
+# --- compiled package -----------------------------------------------------------------------
+
+
+def read_package(package: Path) -> dict[str, Any]:
+    """Parse a compiled pipeline YAML and return its KFP pipeline spec, the first document.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or is not a KFP pipeline spec.
+    """
+    fix = "pass a file written by `edgeface pipeline compile -o FILE`, or pass --fleet"
+    try:
+        with package.open(encoding="utf-8") as stream:
+            documents = list(yaml.safe_load_all(stream))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        # PyYAML's message spans lines to point at the column, so it is joined for the log.
+        reason = " ".join(str(error).split())
+        raise ConfigError(f"invalid pipeline package {package}: {reason}. Fix: {fix}") from None
+    spec = documents[0] if documents else None
+    keys = sorted(map(str, spec)) if isinstance(spec, dict) else []
+    if not (isinstance(spec, dict) and isinstance(spec.get("pipelineInfo"), dict)
+            and isinstance(spec.get("root"), dict) and "schemaVersion" in spec):
+        found = f"its top-level keys are {', '.join(keys)}" if keys else "it is not a mapping"
+        raise ConfigError(f"{package} is not a compiled Kubeflow pipeline: {found}, but a KFP "
+                          f"pipeline spec has pipelineInfo, root and schemaVersion. Fix: {fix}")
+    return spec
+
+
+def package_parameters(spec: dict[str, Any]) -> set[str]:
+    """Return the names of a compiled pipeline's parameters."""
+    return set(_mapping(_mapping(spec["root"].get("inputDefinitions")).get("parameters")))
+
+
+# Inputs of the prepare-evaluation-set task that record the shape of the compiled DAG, in the
+# order of the arguments of `components.common.check_compiled_shape`.
+COMPILED_SHAPE_INPUTS = ("compiled_nodes", "compiled_rounds", "compiled_eval_every",
+                         "compiled_calibration", "compiled_spreadout")
+
+
+def compiled_shape(spec: dict[str, Any]) -> tuple[int, int, int, bool, bool] | None:
+    """Return the compiled shape constants of a pipeline spec, or None if no task has them.
+
+    The compiler puts the task inside the exit handler's DAG, so every DAG is searched.
+    """
+    components = list((spec.get("components") or {}).values())
+    for owner in [spec["root"]] + components:
+        for task in _mapping(_mapping(_mapping(owner).get("dag")).get("tasks")).values():
+            inputs = _mapping(_mapping(_mapping(task).get("inputs")).get("parameters"))
+            values = [_mapping(_mapping(inputs.get(name)).get("runtimeValue")).get("constant")
+                      for name in COMPILED_SHAPE_INPUTS]
+            if not all(isinstance(value, (bool, int, float)) for value in values):
+                continue
+            # The compiler stores integer constants as floats, for example 2.0.
+            nodes, rounds, eval_every, calibration, spreadout = values
+            return int(nodes), int(rounds), int(eval_every), bool(calibration), bool(spreadout)
+    return None
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """Return `value` if it is a dict, else an empty dict, to read a spec of unknown shape."""
+    return value if isinstance(value, dict) else {}
+
+
+def check_config_json(value: str, spec: dict[str, Any]) -> None:
+    """Check a config_json value as the pipeline's prepare-evaluation-set task will.
+
+    Raises:
+        ConfigError: the value is not a valid run config in JSON, its nodes, rounds or
+            schedule differ from the compiled pipeline's, or the package does not record
+            its compiled shape.
+    """
+    from components.common import check_compiled_shape, load_run_config
+
+    quoted_value = repr(value if len(value) <= 80 else value[:77] + "...")
+    shape = compiled_shape(spec)
+    if shape is None:
+        raise ConfigError(f"cannot check --param config_json={quoted_value}: the package has no "
+                          f"task with the inputs {', '.join(COMPILED_SHAPE_INPUTS)}. Compile "
+                          "it again with `edgeface pipeline compile`")
+    try:
+        check_compiled_shape(load_run_config(value), *shape)
+    except ConfigError as error:
+        raise ConfigError(f"invalid --param config_json={quoted_value}: {error}") from None
+
+
+def check_run_inputs(package: Path, items: list[str]) -> dict[str, str]:
+    """Check a package and the --param items for it, and return the parameters of a run.
+
+    Raises:
+        ConfigError: from `read_package`, `parse_params` or `check_config_json`.
+    """
+    spec = read_package(package)
+    params = parse_params(items, package_parameters(spec))
+    if "config_json" in params:
+        check_config_json(params["config_json"], spec)
+    return params
 
 
 # --- submit and schedule --------------------------------------------------------------------
@@ -196,12 +295,6 @@ def parse_params(items: list[str], allowed: set[str]) -> dict[str, str]:
         raise ConfigError(f"--param values take {size} bytes, over the API server's limit of "
                           f"{MAX_PARAMETER_BYTES}: put large inputs in a file or a volume")
     return params
-
-
-def package_parameters(package: Path) -> set[str]:
-    """Return the names of a compiled pipeline's parameters."""
-    spec = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))
-    return set(spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {}))
 
 
 def _prepare_package(args: argparse.Namespace, workdir: Path) -> tuple[Path, str, str | None]:
@@ -231,7 +324,8 @@ def _upload(args: argparse.Namespace, workdir: Path):
     from pipelines.client import PipelineClient
 
     package, pipeline_name, cluster = _prepare_package(args, workdir)
-    params = parse_params(args.param, package_parameters(package))
+    # Every check runs before the first request, so invalid input uploads nothing.
+    params = check_run_inputs(package, args.param)
     digest = hashlib.sha256(package.read_bytes()).hexdigest()[:12]
     client = PipelineClient(args.host)
     version = client.upload(str(package), pipeline_name, f"{pipeline_name}-{digest}")

@@ -8,8 +8,10 @@ parameters and JSON bodies. The run watchdog calls a recording fake of `kubectl`
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -19,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kfp_fake_server import FakeKfpServer
 
-from edgeface.cli.main import main
+from edgeface.cli.main import build_parser, main
 from edgeface.errors import ConfigError
 from pipelines.client import PipelineClient, PipelineError, PodWatchdog, validate_cron
 
@@ -202,6 +205,112 @@ def test_unknown_param_rejected(kfp_server: FakeKfpServer, package: Path,
     assert code == 2
     assert "unknown pipeline parameter 'dataset'" in caplog.text
     assert "dataset_dir" in caplog.text
+    assert kfp_server.requests == []
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("notjson", "pipeline parameter config_json is not valid JSON"),
+    ('{"train":{"rounds":5}}', "rounds 5 (compiled with 1)"),
+    ('{"train":{"rounds":0}}', "train.rounds: Input should be greater than or equal to 1"),
+])
+def test_invalid_config_json_rejected(kfp_server: FakeKfpServer, package: Path, value: str,
+                                      message: str, caplog: pytest.LogCaptureFixture,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(submit_args(package, kfp_server, "--param", f"config_json={value}"))
+    assert code == 2
+    assert f"invalid --param config_json={value!r}" in caplog.text
+    assert message in caplog.text
+    assert "Traceback" not in capsys.readouterr().err
+    # The recording fake received no request, not even the health check.
+    assert kfp_server.requests == []
+
+
+def test_config_json_mismatch_names_fix(kfp_server: FakeKfpServer, package: Path,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    code = main(schedule_args(package, kfp_server, "0 0 3 * * *",
+                              "--param", 'config_json={"train":{"rounds":5}}'))
+    assert code == 2
+    assert "config_json does not match the compiled pipeline" in caplog.text
+    assert "edgeface pipeline compile --config FILE --rounds R" in caplog.text
+    assert kfp_server.requests == []
+
+
+def test_compiled_config_json_accepted(kfp_server: FakeKfpServer, package: Path) -> None:
+    spec = next(yaml.safe_load_all(package.read_text()))
+    config = json.loads(spec["root"]["inputDefinitions"]["parameters"]["config_json"]
+                        ["defaultValue"])
+    config["train"]["lr"] = 0.05
+    value = json.dumps(config)
+    assert main(submit_args(package, kfp_server, "--param", f"config_json={value}")) == 0
+    [run] = kfp_server.requests_to("POST", "/runs")
+    assert run.json()["runtime_config"]["parameters"] == {"config_json": value}
+
+
+def test_config_json_without_compiled_shape(kfp_server: FakeKfpServer, package: Path,
+                                            tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    documents = list(yaml.safe_load_all(package.read_text()))
+    for component in documents[0]["components"].values():
+        for task in component.get("dag", {}).get("tasks", {}).values():
+            task.get("inputs", {}).get("parameters", {}).pop("compiled_rounds", None)
+    stripped = tmp_path / "stripped.yaml"
+    stripped.write_text(yaml.safe_dump_all(documents))
+    code = main(submit_args(stripped, kfp_server, "--param", "config_json={}"))
+    assert code == 2
+    assert "cannot check --param config_json='{}'" in caplog.text
+    assert "compiled_rounds" in caplog.text
+    assert kfp_server.requests == []
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("train:\n  rounds: 2\nseed: 1\n",
+     "is not a compiled Kubeflow pipeline: its top-level keys are seed, train"),
+    ("", "is not a compiled Kubeflow pipeline: it is not a mapping"),
+    ("train: [2,\n", "invalid pipeline package"),
+])
+@pytest.mark.parametrize("command", ["submit", "schedule"])
+def test_package_not_pipeline_rejected(kfp_server: FakeKfpServer, tmp_path: Path, command: str,
+                                       text: str, message: str,
+                                       caplog: pytest.LogCaptureFixture,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    args = submit_args(path, kfp_server) if command == "submit" else \
+        schedule_args(path, kfp_server, "0 0 3 * * *")
+    assert main(args) == 2
+    assert message in caplog.text
+    assert str(path) in caplog.text
+    assert "edgeface pipeline compile -o FILE" in caplog.text
+    assert "Traceback" not in capsys.readouterr().err
+    assert kfp_server.requests == []
+
+
+def pipeline_command_options(command: str) -> set[str]:
+    """Return the option strings that `edgeface pipeline COMMAND` accepts."""
+    parser = build_parser()
+    for name in ("pipeline", command):
+        [subparsers] = [action for action in parser._actions
+                        if isinstance(action, argparse._SubParsersAction)]
+        parser = subparsers.choices[name]
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+@pytest.mark.parametrize(("command", "extra"), [
+    ("compile", ["-o", "pipeline.yaml"]),
+    ("submit", []),
+    ("schedule", ["--cron", "0 0 3 * * *"]),
+])
+def test_missing_fleet_hint_flags_exist(kfp_server: FakeKfpServer, command: str,
+                                        extra: list[str],
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    code = main(["pipeline", command, "--host", kfp_server.url, *extra] if command != "compile"
+                else ["pipeline", command, *extra])
+    assert code == 2
+    assert "no fleet file given: pass --fleet FLEET.yaml" in caplog.text
+    suggested = set(re.findall(r"--[a-z][a-z-]*", caplog.text))
+    assert suggested
+    assert suggested <= pipeline_command_options(command)
+    assert ("--package" in suggested) == (command != "compile")
     assert kfp_server.requests == []
 
 
