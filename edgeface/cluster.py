@@ -482,24 +482,53 @@ class NodeShare:
 
 
 def load_fleet_data(fleet: Fleet, data_dir: Path, strategy: str = "identity", seed: int = 0,
-                    replace: bool = False) -> list[NodeShare]:
+                    replace: bool = False, max_bad_fraction: float | None = None,
+                    progress: bool = False) -> list[NodeShare]:
     """Partition the dataset in `data_dir` over the fleet and copy each share to its node.
 
     Node i of the partition goes to `fleet.nodes[i].host_data_path`, in the same
-    `<identity>/<image>` layout as the source, with a `.edgeface-share.json` marker.
+    `<identity>/<image>` layout as the source, with a `.edgeface-share.json` marker. Every image
+    is decoded first, and only readable image files are partitioned and copied: files without
+    an image extension and unreadable images are left out and logged. `max_bad_fraction`
+    (default: the built-in config's `max-bad-fraction`) limits the unreadable share. A tqdm
+    progress bar of the decoding goes to stderr when `progress` is true.
 
     Raises:
-        DataError: no images in `data_dir`, or a node folder is not empty: it contains files
-            that this function did not write, or a share while `replace` is False.
+        DataError: no images in `data_dir`, more than `max_bad_fraction` of them unreadable, or
+            a node folder is not empty: it contains files that this function did not write, or
+            a share while `replace` is False.
+        ConfigError: `max_bad_fraction` is outside 0..1.
         PartitionError: the partition cannot be made (e.g. more nodes than identities).
     """
-    from edgeface.data.ingest import list_images, resolve_images_root
+    from edgeface.config import load_config
+    from edgeface.data.ingest import (
+        check_bad_fraction,
+        count_noun,
+        resolve_images_root,
+        scan_images,
+        validate_images,
+    )
     from edgeface.data.partition import partition
 
+    if max_bad_fraction is None:
+        max_bad_fraction = load_config().data.max_bad_fraction
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ConfigError(f"invalid max-bad-fraction {max_bad_fraction!r}: use a fraction from 0 "
+                          "to 1, for example 0.01 for 1%")
     images_root = resolve_images_root(Path(data_dir))
     for node in fleet.nodes:
         _check_destination(node.host_data_path, replace)
-    records = list_images(images_root)
+    listing = scan_images(images_root)
+    report = validate_images(images_root, listing.records, progress=progress, desc="load-data")
+    check_bad_fraction(report, max_bad_fraction, str(images_root),
+                       allow_more="allow more with `edgeface cluster load-data --max-bad-fraction`")
+    unreadable = {path for path, _ in report.bad}
+    records = [record for record in listing.records if record.path not in unreadable]
+    if unreadable or listing.skipped:
+        logger.warning("load-data: left out %s and %s without an image extension in %s; "
+                       "`edgeface data inspect %s` lists them",
+                       count_noun(len(unreadable), "unreadable image"),
+                       count_noun(len(listing.skipped), "file"), images_root, data_dir)
     result = partition(records, len(fleet.nodes), strategy, seed=seed)
     shares = []
     for node, shard in zip(fleet.nodes, result.nodes):
@@ -513,8 +542,9 @@ def load_fleet_data(fleet: Fleet, data_dir: Path, strategy: str = "identity", se
                   "images": len(shard.records), "identities": identities,
                   "source": str(images_root)}
         (node.host_data_path / SHARE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        logger.info("%s: copied %d images of %d identities to %s", node.name,
-                    len(shard.records), identities, node.host_data_path)
+        logger.info("%s: copied %s of %s to %s", node.name,
+                    count_noun(len(shard.records), "image"),
+                    count_noun(identities, "identity", "identities"), node.host_data_path)
         shares.append(NodeShare(node.name, node.host_data_path, len(shard.records), identities))
     return shares
 

@@ -30,6 +30,11 @@ class Section(BaseModel):
     )
 
 
+CROP_FORMAT = ("invalid crop: expected 4 numbers left,top,right,bottom as fractions of the "
+               "image, for example --crop 0.33,0.31,0.67,0.70 or crop: [0.33, 0.31, 0.67, 0.70] "
+               "in YAML")
+
+
 class DataConfig(Section):
     protocol: Literal["auto", "lfw-view1", "lfw-view2", "holdout"] = Field(
         "auto", description="evaluation protocol; auto picks lfw-view1 when LFW's files are present"
@@ -52,6 +57,24 @@ class DataConfig(Section):
     train_images_per_identity: int = Field(
         5, ge=1, description="holdout protocol: training images per person; the rest are probes"
     )
+
+    @field_validator("crop", mode="before")
+    @classmethod
+    def _parse_crop(cls, value: Any) -> Any:
+        """Turn a comma-separated string or a list of 4 numbers into 4 floats.
+
+        Checking the count here gives one error for the whole crop, instead of one per missing
+        or malformed item.
+        """
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or len(items) != 4:
+            raise ValueError(CROP_FORMAT)
+        if any(isinstance(item, bool) for item in items):
+            raise ValueError(CROP_FORMAT)
+        try:
+            return tuple(float(item) for item in items)
+        except (TypeError, ValueError):
+            raise ValueError(CROP_FORMAT) from None
 
     @field_validator("crop")
     @classmethod
@@ -108,9 +131,11 @@ class FederationConfig(Section):
         "fedavg", description="server aggregation rule"
     )
     server_lr: float | None = Field(
-        None, gt=0.0, description="server learning rate; default 0.1 for fedavgm, 0.01 for fedadam"
+        None, gt=0.0, description="server learning rate of fedavgm and fedadam (fedavg has "
+        "none); default 0.1 for fedavgm, 0.01 for fedadam"
     )
-    server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="fedavgm server momentum")
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0,
+                                   description="server momentum, used by fedavgm only")
     fedprox_mu: float = Field(0.0, ge=0.0, description="FedProx proximal-term weight; 0 = off")
     fedbn: bool = Field(False, description="keep BatchNorm layers local to each node")
     min_nodes: int = Field(1, ge=1, description="nodes that must report for a round to count")
@@ -135,6 +160,27 @@ class FederationConfig(Section):
         "different nodes below which they repel; 1.4142 = cosine 0"
     )
     spreadout_steps: int = Field(10, ge=1, description="gradient steps of the spread-out server step per round")
+
+    @model_validator(mode="after")
+    def _check_server_options(self) -> "FederationConfig":
+        """Reject a server option that the chosen strategy would ignore.
+
+        Only values that differ from the default count: a run's saved config.yaml lists every
+        key, so `model_fields_set` alone would also flag the defaults it wrote out.
+        """
+        problems = []
+        if self.server_lr is not None and self.strategy == "fedavg":
+            problems.append(f"server-lr {self.server_lr:g} has no effect with aggregation fedavg, "
+                            "which has no server learning rate: use --aggregation fedavgm or "
+                            "fedadam, or remove server-lr")
+        default_momentum = type(self).model_fields["server_momentum"].default
+        if self.server_momentum != default_momentum and self.strategy != "fedavgm":
+            problems.append(f"server-momentum {self.server_momentum:g} has no effect with "
+                            f"aggregation {self.strategy}, only fedavgm uses it: use "
+                            "--aggregation fedavgm, or remove server-momentum")
+        if problems:
+            raise ValueError(". ".join(problems))
+        return self
 
 
 class EvaluationConfig(Section):
@@ -259,6 +305,11 @@ def _format_errors(error: ValidationError, source: str) -> str:
         got = item.get("input")
         if item["type"] == "extra_forbidden":
             lines.append(f"  - {key}: unknown key (got {got!r}); {_unknown_key_hint(item['loc'])}")
+            continue
+        if isinstance(got, dict):
+            # A check across several keys names their values in its message, so the whole
+            # section, which would bury that message, is left out.
+            lines.append(f"  - {key}: {item['msg']}")
             continue
         lines.append(f"  - {key}: {item['msg']} (got {got!r})")
     return "\n".join(lines)

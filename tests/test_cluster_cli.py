@@ -632,3 +632,69 @@ def test_load_data_keeps_foreign_folder(fleet_file: Path, orl_dir: Path, tmp_pat
     assert "was not filled by `edgeface cluster load-data`" in caplog.text
     assert (foreign / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / "data" / "edge-0").exists()
+
+
+def synthetic_dataset(root: Path) -> Path:
+    """Four identities of three small PNGs, plus a notes file and one text file named .jpg."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for identity in ("a", "b", "c", "d"):
+        (root / identity).mkdir(parents=True)
+        for index in range(3):
+            pixels = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / identity / f"{index}.png")
+    (root / "a" / "notes.txt").write_text("not an image\n")
+    (root / "b" / "broken.jpg").write_text("text, not a JPEG\n")
+    return root
+
+
+def test_load_data_copies_only_readable_images(fleet_file: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    data = synthetic_dataset(tmp_path / "faces")
+
+    with caplog.at_level(logging.WARNING):
+        code = main(load_data_args(fleet_file, data, "--max-bad-fraction", "0.2",
+                                   "--no-progress"))
+
+    assert code == 0
+    copied = []
+    for node in load_fleet(fleet_file).nodes:
+        files = sorted(p.relative_to(node.host_data_path).as_posix()
+                       for p in node.host_data_path.rglob("*") if p.is_file()
+                       and p.name != SHARE_MARKER)
+        marker = json.loads((node.host_data_path / SHARE_MARKER).read_text())
+        assert marker["images"] == len(files)
+        copied += files
+    assert len(copied) == 12
+    assert all(path.endswith(".png") for path in copied)
+    output = capsys.readouterr().out
+    assert "edge-0: 6 images of 2 identities" in output
+    assert "left out 1 unreadable image and 1 file without an image extension" in caplog.text
+
+
+def test_load_data_too_many_unreadable_fails(fleet_file: Path, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    data = synthetic_dataset(tmp_path / "faces")
+
+    with caplog.at_level(logging.ERROR):
+        code = main(load_data_args(fleet_file, data, "--no-progress"))
+
+    assert code == 2
+    assert "1 of 13 images is unreadable" in caplog.text
+    assert "b/broken.jpg (not an image)" in caplog.text
+    assert "`edgeface cluster load-data --max-bad-fraction`" in caplog.text
+    assert not (tmp_path / "data" / "edge-0").exists()
+
+
+def test_load_data_rejects_invalid_limit(fleet_file: Path, tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    data = synthetic_dataset(tmp_path / "faces")
+
+    with caplog.at_level(logging.ERROR):
+        code = main(load_data_args(fleet_file, data, "--max-bad-fraction", "5"))
+
+    assert code == 2
+    assert "invalid max-bad-fraction 5.0: use a fraction from 0 to 1" in caplog.text

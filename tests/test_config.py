@@ -148,10 +148,99 @@ def test_invalid_crop_explained() -> None:
     assert "0 <= left < right <= 1" in message
 
 
+@pytest.mark.parametrize("crop", [
+    ["1", "2"],
+    ["[0.1", "0.2", "0.9", "0.8]"],
+    "0.5",
+    ["0.1", "0.2", "0.9", "0.8", "1.0"],
+    ["a", "b", "c", "d"],
+])
+def test_crop_flag_needs_four_numbers(crop: list[str] | str) -> None:
+    message = config_error(None, {"crop": crop})
+
+    assert "1 problem(s)" in message
+    assert "data.crop: Value error, invalid crop: expected 4 numbers" in message
+    assert "left,top,right,bottom" in message
+    assert f"(got {crop!r})" in message
+    assert "data.crop.0" not in message
+    assert "Field required" not in message
+
+
+@pytest.mark.parametrize(
+    "crop", ["[0.1, 0.2]", "[0.1, 0.2, 0.9, 0.8, 1.0]", "0.5", "[yes, no, 0.9, 0.8]"]
+)
+def test_crop_in_yaml_needs_four_numbers(tmp_path: Path, crop: str) -> None:
+    message = config_error(write_config(tmp_path, f"data:\n  crop: {crop}\n"))
+
+    assert "1 problem(s)" in message
+    assert "data.crop: Value error, invalid crop: expected 4 numbers" in message
+    assert "data.crop.2" not in message
+
+
+def test_crop_accepts_list_and_string(tmp_path: Path) -> None:
+    from_flag = load_config(None, {"crop": ["0.1", "0.2", "0.9", "0.8"]}).data.crop
+    yaml_list = write_config(tmp_path, "data:\n  crop: [0.1, 0.2, 0.9, 0.8]\n")
+    from_yaml = load_config(yaml_list).data.crop
+    yaml_string = write_config(tmp_path, "data:\n  crop: 0.1,0.2,0.9,0.8\n")
+    from_string = load_config(yaml_string).data.crop
+
+    assert from_flag == (0.1, 0.2, 0.9, 0.8)
+    assert from_yaml == (0.1, 0.2, 0.9, 0.8)
+    assert from_string == (0.1, 0.2, 0.9, 0.8)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"server-lr": "0.5"}, "server-lr 0.5 has no effect with aggregation fedavg"),
+    ({"server-momentum": "0.5"}, "server-momentum 0.5 has no effect with aggregation fedavg"),
+    ({"aggregation": "fedadam", "server-momentum": "0.5"},
+     "server-momentum 0.5 has no effect with aggregation fedadam"),
+])
+def test_server_option_without_effect_rejected(overrides: dict, expected: str) -> None:
+    message = config_error(None, overrides)
+
+    assert f"federation: Value error, {expected}" in message
+    assert "--aggregation fedavgm" in message
+    assert "(got {" not in message
+
+
+def test_server_option_in_yaml_rejected(tmp_path: Path) -> None:
+    path = write_config(tmp_path, """
+        federation:
+          strategy: fedavg
+          server-lr: 1.0
+    """)
+
+    message = config_error(path)
+
+    assert "server-lr 1 has no effect with aggregation fedavg" in message
+    assert "remove server-lr" in message
+
+
+def test_server_options_accepted_where_used() -> None:
+    fedavgm = load_config(None, {"aggregation": "fedavgm", "server-lr": "0.5",
+                                 "server-momentum": "0.5"}).federation
+    fedadam = load_config(None, {"aggregation": "fedadam", "server-lr": "0.02"}).federation
+
+    assert (fedavgm.server_lr, fedavgm.server_momentum) == (0.5, 0.5)
+    assert fedadam.server_lr == 0.02
+
+
+def test_saved_fedavg_config_reloads(tmp_path: Path) -> None:
+    """A run's config.yaml lists server-momentum 0.9 and server-lr null even for fedavg."""
+    config = load_config()
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    saved = yaml.safe_load(path.read_text())["federation"]
+    assert saved["server-momentum"] == 0.9
+    assert saved["server-lr"] is None
+    assert load_config(path) == config
+
+
 def test_written_config_reloads_with_same_hash(tmp_path: Path) -> None:
     # `edgeface run --resume` reloads config.yaml from the run directory and compares hashes.
     config = load_config(overrides={"nodes": 3, "crop": ["0.2", "0.2", "0.8", "0.8"],
-                                    "server-lr": "0.5"})
+                                    "aggregation": "fedavgm", "server-lr": "0.5"})
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     reloaded = load_config(path)

@@ -14,14 +14,18 @@ from PIL import Image
 from edgeface.cli.main import main
 from edgeface.config import load_config
 from edgeface.data.ingest import (
+    ACCEPTED_FORMATS,
+    IMAGE_EXTENSIONS,
     BadImageError,
     ImageRecord,
     ValidationReport,
     check_bad_fraction,
+    count_noun,
     decode_rgb,
     list_images,
     load_rgb,
     resolve_images_root,
+    scan_images,
     validate_images,
 )
 from edgeface.errors import ConfigError, DataError
@@ -139,6 +143,78 @@ def test_list_only_hidden_entries_fails(tmp_path: Path) -> None:
 def test_list_missing_root_fails(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found"):
         list_images(tmp_path / "missing")
+
+
+def _synthetic_png(path: Path, seed: int = 0) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    return _save(Image.fromarray(pixels), path, "PNG")
+
+
+def test_list_skips_files_without_image_extension(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _synthetic_png(tmp_path / "Person" / "a.png")
+    _synthetic_png(tmp_path / "Person" / "b.JPG")
+    (tmp_path / "Person" / "notes.txt").write_text("not an image\n")
+    (tmp_path / "Person" / "README").write_text("no extension\n")
+    (tmp_path / "Person" / "c.jpg").write_text("text named .jpg\n")
+
+    with caplog.at_level(logging.INFO, logger="edgeface.data.ingest"):
+        records = list_images(tmp_path)
+
+    assert [record.path for record in records] == ["Person/a.png", "Person/b.JPG", "Person/c.jpg"]
+    assert scan_images(tmp_path).skipped == ["Person/README", "Person/notes.txt"]
+    assert "skipped 2 files without an image extension: Person/README, Person/notes.txt" \
+        in caplog.text
+
+
+def test_non_image_file_does_not_count_as_bad(tmp_path: Path) -> None:
+    _synthetic_png(tmp_path / "Person" / "a.png")
+    (tmp_path / "Person" / "notes.txt").write_text("not an image\n")
+
+    report = validate_images(tmp_path, list_images(tmp_path))
+
+    assert report.checked == 1
+    assert report.bad == []
+    check_bad_fraction(report, 0.0, "tmp")
+
+
+def test_corrupt_file_with_image_extension_counts_as_bad(tmp_path: Path) -> None:
+    _synthetic_png(tmp_path / "Person" / "a.png")
+    (tmp_path / "Person" / "b.jpg").write_text("text named .jpg\n")
+
+    report = validate_images(tmp_path, list_images(tmp_path))
+
+    assert report.checked == 2
+    assert report.bad == [("Person/b.jpg", "not an image")]
+
+
+def test_list_only_non_images_names_them(tmp_path: Path) -> None:
+    (tmp_path / "Person").mkdir()
+    (tmp_path / "Person" / "notes.txt").write_text("x")
+
+    with pytest.raises(DataError) as error:
+        list_images(tmp_path)
+
+    message = str(error.value)
+    assert "no images in" in message
+    assert "found 1 file without an image extension: Person/notes.txt" in message
+    assert ".jpg, .png or .pgm" in message
+
+
+def test_image_extensions_cover_pillow_registry() -> None:
+    registered = {extension for extension, image_format in Image.registered_extensions().items()
+                  if image_format in ACCEPTED_FORMATS or image_format == "MPO"}
+
+    assert registered <= IMAGE_EXTENSIONS
+    assert {".jpg", ".png", ".pgm"} <= IMAGE_EXTENSIONS
+
+
+def test_count_noun_singular_and_plural() -> None:
+    assert count_noun(1, "identity", "identities") == "1 identity"
+    assert count_noun(3, "identity", "identities") == "3 identities"
+    assert count_noun(0, "image") == "0 images"
+    assert count_noun(1, "image") == "1 image"
 
 
 # --- load_rgb on real files ------------------------------------------------------------------
@@ -459,6 +535,50 @@ def test_inspect_rejects_invalid_limit(
     assert code == 2
     assert "invalid --max-bad-fraction 5.0: use a fraction from 0 to 1" in caplog.text
     assert capsys.readouterr().out == ""
+
+
+def test_inspect_reports_skipped_non_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for identity in ("A", "B"):
+        for index in range(2):
+            _synthetic_png(tmp_path / identity / f"{index}.png", seed=index)
+    (tmp_path / "A" / "notes.txt").write_text("x")
+
+    text_code = main(["data", "inspect", str(tmp_path), "--no-progress", "--max-bad-fraction", "0"])
+    text = capsys.readouterr().out
+    json_code = main(["data", "inspect", str(tmp_path), "--no-progress", "--format", "json"])
+    summary = json.loads(capsys.readouterr().out)
+
+    assert text_code == 0
+    assert "skipped:     1 file without an image extension: A/notes.txt" in text
+    assert "unreadable:  0 of 4" in text
+    assert json_code == 0
+    assert summary["images"] == 4
+    assert summary["skipped_non_images"] == ["A/notes.txt"]
+
+
+def test_inspect_all_corrupt_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for identity in ("A", "B", "C"):
+        (tmp_path / identity).mkdir()
+        for index in range(3):
+            (tmp_path / identity / f"{index}.jpg").write_text("not a JPEG\n")
+
+    code = main(["data", "inspect", str(tmp_path), "--no-progress"])
+
+    assert code == 2
+    assert "9 of 9 images are unreadable (100.00%)" in caplog.text
+
+
+def test_bad_fraction_message_singular() -> None:
+    report = ValidationReport(checked=1, bad=[("P/P_0001.jpg", "truncated")])
+
+    with pytest.raises(DataError) as error:
+        check_bad_fraction(report, 0.0, "node-0")
+
+    assert "1 of 1 image is unreadable" in str(error.value)
 
 
 def test_inspect_orl_text(orl_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -118,7 +118,7 @@ def test_identity_more_nodes_than_people(orl_records: list[ImageRecord]) -> None
 
 def test_identity_node_below_minimum() -> None:
     records = synthetic({"A": 100, "B": 1})
-    with pytest.raises(PartitionError, match="node-1 with 1 images, fewer than "
+    with pytest.raises(PartitionError, match="node-1 with 1 image, fewer than "
                                              "min-images-per-node 5"):
         partition(records, 2, "identity", seed=0, min_images_per_node=5)
 

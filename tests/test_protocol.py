@@ -340,3 +340,84 @@ def test_holdout_all_held_out(orl_dir: Path, orl_records: list[ImageRecord]) -> 
     records = [r for r in orl_records if r.identity == "s1"]
     with pytest.raises(DataError, match="leaves none to train on: lower holdout-identities"):
         orl_plan(orl_dir, records, holdout_identities=0.5)
+
+
+# --- holdout on synthetic folders -------------------------------------------------------------
+
+
+def _write_dataset(
+    root: Path, identities: int, images: int, *, readable: bool
+) -> list[ImageRecord]:
+    """Write `identities` folders of `images` small PNGs, or of text files named .jpg."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(identities):
+        folder = root / f"person{i}"
+        folder.mkdir(parents=True)
+        for j in range(images):
+            if readable:
+                pixels = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{j}.png")
+            else:
+                (folder / f"{j}.jpg").write_text("text, not a JPEG\n")
+    return list_images(root)
+
+
+def test_holdout_all_corrupt_names_unreadable(tmp_path: Path) -> None:
+    records = _write_dataset(tmp_path, 3, 3, readable=False)
+
+    with pytest.raises(DataError) as error:
+        make_plan(tmp_path, tmp_path, records, "holdout")
+
+    message = str(error.value)
+    assert "no evaluation plan can be made because 9 of 9 images checked are unreadable" in message
+    assert "person0/0.jpg (not an image)" in message
+    assert f"edgeface data inspect {tmp_path}" in message
+    assert "holdout-identities" not in message
+
+
+def test_holdout_some_corrupt_points_to_inspect(tmp_path: Path) -> None:
+    records = _write_dataset(tmp_path, 3, 3, readable=True)
+    (tmp_path / "person1" / "0.png").write_text("text, not a PNG\n")
+
+    with pytest.raises(DataError) as error:
+        make_plan(tmp_path, tmp_path, records, "holdout")
+
+    message = str(error.value)
+    assert "raise holdout-identities" in message
+    assert "Also, 1 of 9 images checked is unreadable, for example person1/0.png" in message
+    assert f"edgeface data inspect {tmp_path}" in message
+
+
+def test_holdout_too_small_singular_counts(tmp_path: Path) -> None:
+    records = _write_dataset(tmp_path, 3, 3, readable=True)
+
+    with pytest.raises(DataError) as error:
+        make_plan(tmp_path, tmp_path, records, "holdout")
+
+    message = str(error.value)
+    assert "3 matched pairs" in message
+    assert "3 evaluation images of 1 identity," in message
+    assert "unreadable" not in message
+
+
+def test_holdout_all_held_out_singular(tmp_path: Path) -> None:
+    records = _write_dataset(tmp_path, 1, 2, readable=True)
+
+    with pytest.raises(DataError, match="holds out all 1 identity and leaves none"):
+        make_plan(tmp_path, tmp_path, records, "holdout")
+
+
+def test_holdout_large_corrupt_set_decodes_sample(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeface.data import protocol
+
+    records = _write_dataset(tmp_path, 3, 3, readable=False)
+    monkeypatch.setattr(protocol, "UNREADABLE_SAMPLE_SIZE", 4)
+
+    with pytest.raises(DataError) as error:
+        make_plan(tmp_path, tmp_path, records, "holdout")
+
+    assert "4 of 4 sampled images checked are unreadable" in str(error.value)

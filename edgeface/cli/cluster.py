@@ -110,6 +110,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     load.add_argument("--seed", type=int, default=0, help="partition seed (default 0)")
     load.add_argument("--replace", action="store_true",
                       help="replace shares that an earlier load-data copied")
+    load.add_argument("--max-bad-fraction", type=float, default=None,
+                      help="fraction of unreadable images (0 to 1) left out before failing "
+                      "(default: max-bad-fraction of the built-in config, as in `edgeface run`)")
+    load.add_argument("--no-progress", action="store_true",
+                      help="hide the progress bar of the image check")
     load.set_defaults(func=_run_load_data)
 
 
@@ -406,9 +411,13 @@ def _run_down(args: argparse.Namespace) -> int:
 
 
 def _run_load_data(args: argparse.Namespace) -> int:
+    from edgeface.data.ingest import count_noun
+
     fleet = load_fleet(args.fleet)
-    shares = load_fleet_data(fleet, args.data, args.partition, args.seed, replace=args.replace)
+    shares = load_fleet_data(fleet, args.data, args.partition, args.seed, replace=args.replace,
+                             max_bad_fraction=args.max_bad_fraction,
+                             progress=not args.no_progress)
     for share in shares:
-        print(f"{share.node}: {share.images} images of {share.identities} identities -> "
-              f"{share.folder}")
+        print(f"{share.node}: {count_noun(share.images, 'image')} of "
+              f"{count_noun(share.identities, 'identity', 'identities')} -> {share.folder}")
     return 0

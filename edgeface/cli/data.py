@@ -15,8 +15,9 @@ from edgeface.data.ingest import (
     ImageRecord,
     ValidationReport,
     check_bad_fraction,
-    list_images,
+    count_noun,
     resolve_images_root,
+    scan_images,
     validate_images,
 )
 from edgeface.errors import ConfigError
@@ -112,9 +113,11 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise ConfigError(f"invalid --max-bad-fraction {args.max_bad_fraction!r}: use a "
                           "fraction from 0 to 1, for example 0.01 for 1%")
     images_root = resolve_images_root(args.data_dir)
-    records = list_images(images_root)
+    listing = scan_images(images_root)
+    records = listing.records
     report = validate_images(images_root, records, progress=not args.no_progress, desc="inspect")
-    summary = summarize_dataset(args.data_dir, images_root, records, report)
+    summary = summarize_dataset(args.data_dir, images_root, records, report,
+                                skipped=listing.skipped)
     if args.format == "json":
         print(json.dumps(summary, indent=2))
     else:
@@ -129,8 +132,12 @@ def summarize_dataset(
     images_root: Path,
     records: Sequence[ImageRecord],
     report: ValidationReport,
+    skipped: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Collect identity and image counts and the validation outcome into a JSON-ready dict."""
+    """Collect identity and image counts and the validation outcome into a JSON-ready dict.
+
+    `skipped` are the paths that the listing left out because they lack an image extension.
+    """
     per_identity = sorted(Counter(record.identity for record in records).values())
     return {
         "data_dir": str(data_dir),
@@ -143,6 +150,7 @@ def summarize_dataset(
             "max": per_identity[-1],
         },
         "identities_with_2_or_more_images": sum(1 for count in per_identity if count >= 2),
+        "skipped_non_images": list(skipped),
         "validation": report.to_dict(),
     }
 
@@ -156,8 +164,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"({summary['identities_with_2_or_more_images']:,} with 2 or more images)",
         f"images:      {summary['images']:,} (per identity: min {per_identity['min']}, "
         f"median {per_identity['median']:g}, max {per_identity['max']})",
-        f"unreadable:  {validation['bad_count']:,} of {validation['checked']:,}",
     ]
+    skipped = summary.get("skipped_non_images", [])
+    if skipped:
+        lines.append(f"skipped:     {count_noun(len(skipped), 'file')} without an image "
+                     f"extension: {_join_some(skipped, MAX_LISTED_BAD_FILES)}")
+    lines.append(f"unreadable:  {validation['bad_count']:,} of {validation['checked']:,}")
     for entry in validation["bad"][:MAX_LISTED_BAD_FILES]:
         lines.append(f"  {entry['path']}: {entry['reason']}")
     if validation["bad_count"] > MAX_LISTED_BAD_FILES:
@@ -166,3 +178,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             "(--format json lists all)"
         )
     return "\n".join(lines)
+
+
+def _join_some(paths: Sequence[str], limit: int) -> str:
+    listed = ", ".join(paths[:limit])
+    if len(paths) <= limit:
+        return listed
+    return f"{listed} and {len(paths) - limit:,} more (--format json lists all)"

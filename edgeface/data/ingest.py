@@ -2,8 +2,10 @@
 
 A dataset is a folder of `<identity>/<image>` files. LFW keeps that folder one level down
 (`lfw-deepfunneled/` beside the protocol files), while ORL is laid out directly as `s1/` ...
-`s40/`. Images are recognised by their bytes, never by their file extension, and every image
-comes out as an 8-bit RGB `PIL.Image.Image` with its EXIF orientation applied.
+`s40/`. The listing keeps only files with an image extension, so a README beside the images is
+skipped. Decoding then goes by the bytes, never by the extension: a PNG named `.jpg` loads, and a
+text file named `.jpg` is unreadable. Every image comes out as an 8-bit RGB `PIL.Image.Image`
+with its EXIF orientation applied.
 """
 
 from __future__ import annotations
@@ -31,6 +33,16 @@ LFW_IMAGE_FOLDERS = ("lfw-deepfunneled", "lfw", "lfw-funneled")
 # bytes to Ghostscript and makes anything else fail as "not an image". Pillow's JPEG plugin
 # also opens multi-picture (MPO) camera files.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "GIF", "TIFF", "WEBP")
+
+# File extensions (lower case) that Pillow 13 registers for ACCEPTED_FORMATS. Other files are
+# left out of a dataset listing. Files without an extension are left out too.
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".apng", ".ppm", ".pgm", ".pbm", ".pnm",
+    ".pfm", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+})
+
+# Files without an image extension named in the listing's log line before the rest are counted.
+MAX_NAMED_SKIPPED_FILES = 3
 
 # Colour that transparent pixels are composited onto: black, the value that zero padding
 # gives elsewhere in the pipeline.
@@ -82,6 +94,25 @@ class ValidationReport:
         }
 
 
+@dataclass(frozen=True)
+class DatasetListing:
+    """Images of a dataset folder and the files left out because they lack an image extension.
+
+    Both lists are sorted by identity, then file name, and hold POSIX paths under the images
+    root.
+    """
+
+    records: list[ImageRecord]
+    skipped: list[str]
+
+
+def count_noun(count: int, singular: str, plural: str | None = None) -> str:
+    """Return `count` with the noun in the right number: "1 identity", "3 identities"."""
+    if count == 1:
+        return f"{count} {singular}"
+    return f"{count} {plural or singular + 's'}"
+
+
 def resolve_images_root(data_dir: Path) -> Path:
     """Return the folder under `data_dir` that contains the `<identity>/<image>` files.
 
@@ -112,32 +143,64 @@ def resolve_images_root(data_dir: Path) -> Path:
 def list_images(images_root: Path) -> list[ImageRecord]:
     """List every image file under `images_root/<identity>/`, sorted by identity, then name.
 
-    Only names are read. Hidden entries (names starting with '.'), files at the top level and
-    folders nested inside an identity folder are skipped.
+    See `scan_images` for what is skipped. The skipped files without an image extension are
+    logged at INFO.
 
     Raises:
-        DataError: `images_root` is missing, or no identity folder contains a file.
+        DataError: `images_root` is missing, or no identity folder contains an image file.
+    """
+    listing = scan_images(images_root)
+    if listing.skipped:
+        logger.info("%s: skipped %s without an image extension: %s", images_root,
+                    count_noun(len(listing.skipped), "file"), _name_some(listing.skipped))
+    return listing.records
+
+
+def scan_images(images_root: Path) -> DatasetListing:
+    """List the image files under `images_root/<identity>/` and the files skipped as non-images.
+
+    Only names are read. Hidden entries (names starting with '.'), files at the top level and
+    folders nested inside an identity folder are left out silently. Visible files whose
+    extension is not in `IMAGE_EXTENSIONS` (compared in lower case) go to `skipped`.
+
+    Raises:
+        DataError: `images_root` is missing, or no identity folder contains an image file.
     """
     images_root = Path(images_root)
     if not images_root.is_dir():
         raise DataError(f"images folder {images_root} not found")
     records: list[ImageRecord] = []
+    skipped: list[ImageRecord] = []
     with os.scandir(images_root) as identity_entries:
         identity_dirs = [entry for entry in identity_entries if _is_visible_dir(entry)]
     for identity_dir in identity_dirs:
         with os.scandir(identity_dir.path) as file_entries:
             for entry in file_entries:
-                if not entry.name.startswith(".") and entry.is_file():
-                    records.append(
-                        ImageRecord(identity_dir.name, f"{identity_dir.name}/{entry.name}")
-                    )
-    if not records:
-        raise DataError(
-            f"no images in {images_root}: expected <identity>/<image> files, one folder per "
-            "person"
-        )
+                if entry.name.startswith(".") or not entry.is_file():
+                    continue
+                record = ImageRecord(identity_dir.name, f"{identity_dir.name}/{entry.name}")
+                if Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+                    records.append(record)
+                else:
+                    skipped.append(record)
     records.sort(key=lambda record: (record.identity, record.path))
-    return records
+    skipped.sort(key=lambda record: (record.identity, record.path))
+    skipped_paths = [record.path for record in skipped]
+    if not records:
+        found = ""
+        if skipped_paths:
+            found = (f" (found {count_noun(len(skipped_paths), 'file')} without an image "
+                     f"extension: {_name_some(skipped_paths)})")
+        raise DataError(
+            f"no images in {images_root}{found}: expected <identity>/<image> files, one folder "
+            f"per person, with an image extension such as .jpg, .png or .pgm"
+        )
+    return DatasetListing(records, skipped_paths)
+
+
+def _name_some(paths: Sequence[str], limit: int = MAX_NAMED_SKIPPED_FILES) -> str:
+    named = ", ".join(paths[:limit])
+    return f"{named} and {len(paths) - limit} more" if len(paths) > limit else named
 
 
 def _is_visible_dir(entry: os.DirEntry[str]) -> bool:
@@ -265,8 +328,9 @@ def log_bad_files(report: ValidationReport, where: str, limit: int = MAX_LOGGED_
         logger.warning("%s: skipping %s: %s", where, path, reason)
     if len(report.bad) > limit:
         logger.warning(
-            "%s: skipping %d more unreadable images (%d of %d in total)",
-            where, len(report.bad) - limit, len(report.bad), report.checked,
+            "%s: skipping %s (%d of %d in total)",
+            where, count_noun(len(report.bad) - limit, "more unreadable image"), len(report.bad),
+            report.checked,
         )
 
 
@@ -296,7 +360,8 @@ def check_bad_fraction(report: ValidationReport, max_bad_fraction: float, where:
     examples = "; ".join(f"{path} ({reason})" for path, reason in report.bad[:5])
     more = f"; and {len(report.bad) - 5} more" if len(report.bad) > 5 else ""
     raise DataError(
-        f"{where}: {len(report.bad)} of {report.checked} images are unreadable "
+        f"{where}: {len(report.bad)} of {count_noun(report.checked, 'image')} "
+        f"{'is' if len(report.bad) == 1 else 'are'} unreadable "
         f"({report.bad_fraction:.2%}), more than max-bad-fraction {max_bad_fraction:.2%}: "
         f"{examples}{more}. Replace or remove those files, or {allow_more}"
     )

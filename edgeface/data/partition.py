@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeface.data.ingest import ImageRecord
+from edgeface.data.ingest import ImageRecord, count_noun
 from edgeface.errors import ConfigError, DataError, PartitionError
 
 logger = logging.getLogger(__name__)
@@ -222,8 +222,9 @@ def partition(
                for k, shard in enumerate(shards)],
         alpha=alpha if strategy == "dirichlet" else None,
     )
-    logger.info("partition %s (seed %d): %d images of %d identities on %d nodes, images per "
-                "node %s", strategy, seed, len(records), len(groups), nodes,
+    logger.info("partition %s (seed %d): %s of %s on %s, images per node %s", strategy, seed,
+                count_noun(len(records), "image"),
+                count_noun(len(groups), "identity", "identities"), count_noun(nodes, "node"),
                 [len(shard.records) for shard in result.nodes])
     return result
 
@@ -254,8 +255,8 @@ def _validate(
                         f"example {duplicates[0]!r}; pass each image once")
     if len(records) < nodes * max(min_images, 1):
         raise PartitionError(
-            f"{len(records)} images cannot give each of {nodes} nodes at least "
-            f"{max(min_images, 1)} image(s): lower --nodes or min-images-per-node"
+            f"{count_noun(len(records), 'image')} cannot give each of {nodes} nodes at least "
+            f"{count_noun(max(min_images, 1), 'image')}: lower --nodes or min-images-per-node"
         )
     groups: dict[str, list[ImageRecord]] = {}
     for record in sorted(records, key=_sort_key):
@@ -274,7 +275,8 @@ def _split_by_identity(
     identities = list(groups)
     if nodes > len(identities):
         raise PartitionError(
-            f"cannot place {len(identities)} identities on {nodes} nodes with --partition "
+            f"cannot place {count_noun(len(identities), 'identity', 'identities')} on {nodes} "
+            f"nodes with --partition "
             f"identity, which keeps each person on one node: use --nodes <= {len(identities)} "
             "or --partition iid"
         )
@@ -290,7 +292,8 @@ def _split_by_identity(
     for k, shard in enumerate(shards):
         if len(shard) < min_images:
             raise PartitionError(
-                f"--partition identity leaves node-{k} with {len(shard)} images, fewer than "
+                f"--partition identity leaves node-{k} with {count_noun(len(shard), 'image')}, "
+                f"fewer than "
                 f"min-images-per-node {min_images}, because whole identities cannot be split: "
                 "lower --nodes or min-images-per-node, or use --partition iid"
             )
@@ -350,6 +353,6 @@ def _repair_small_nodes(shards: list[list[ImageRecord]], min_images: int) -> Non
         receivers.add(small[0])
         moved += 1
     if moved:
-        logger.warning("dirichlet partition: moved %d images into %d nodes that had fewer than "
-                       "%d images; raise alpha or lower --nodes for fewer moves", moved,
-                       len(receivers), min_images)
+        logger.warning("dirichlet partition: moved %s into %s that had fewer than %s; raise "
+                       "alpha or lower --nodes for fewer moves", count_noun(moved, "image"),
+                       count_noun(len(receivers), "node"), count_noun(min_images, "image"))

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeface.data.ingest import ImageRecord
+from edgeface.data.ingest import BadImageError, ImageRecord, count_noun, load_rgb
 from edgeface.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,14 @@ TEST_FOLDS = 10
 
 # How many missing files a DataError lists before it only gives the count.
 _MISSING_SHOWN = 10
+
+# Images decoded when a dataset is too small for its protocol, to tell unreadable files apart
+# from a dataset that really has too few images. Spread evenly over the sorted records.
+UNREADABLE_SAMPLE_SIZE = 20
+
+
+class DatasetTooSmallError(DataError):
+    """Dataset with too few images or pairs for the protocol, judged by file names alone."""
 
 
 @dataclass(frozen=True)
@@ -335,12 +343,54 @@ def make_plan(
     elif resolved == "lfw-view2":
         plan = _lfw_view2_plan(data_dir, records, fold)
     else:
-        plan = _holdout_plan(records, holdout_identities=holdout_identities,
-                             train_images_per_identity=train_images_per_identity, seed=seed)
+        try:
+            plan = _holdout_plan(records, holdout_identities=holdout_identities,
+                                 train_images_per_identity=train_images_per_identity, seed=seed)
+        except DatasetTooSmallError as error:
+            # Planning reads only names, so a folder of corrupt files fails here first.
+            _raise_if_unreadable(data_dir, Path(images_root), records, error)
+            raise
     _check_pair_images_present(plan, records, Path(images_root))
     _check_no_training_image_evaluated(plan)
     _log_plan(plan)
     return plan
+
+
+def _raise_if_unreadable(
+    data_dir: Path, images_root: Path, records: list[ImageRecord], error: DataError
+) -> None:
+    """Decode a sample of `records` and raise a DataError naming the unreadable files, if any.
+
+    At most `UNREADABLE_SAMPLE_SIZE` images are decoded, so a large dataset is not read here.
+    When every sampled image is unreadable, that is the error. When only some are, `error`
+    gets a pointer to `edgeface data inspect`. Returns when the sample decodes cleanly.
+    """
+    if len(records) <= UNREADABLE_SAMPLE_SIZE:
+        sample = list(records)
+    else:
+        indices = np.linspace(0, len(records) - 1, UNREADABLE_SAMPLE_SIZE).round().astype(int)
+        sample = [records[i] for i in sorted(set(indices.tolist()))]
+    bad: list[tuple[str, str]] = []
+    for record in sample:
+        try:
+            load_rgb(images_root / record.path)
+        except BadImageError as bad_image:
+            bad.append((record.path, bad_image.reason))
+    if not bad:
+        return
+    examples = "; ".join(f"{path} ({reason})" for path, reason in bad[:5])
+    noun = "image" if len(sample) == len(records) else "sampled image"
+    counted = (f"{len(bad)} of {count_noun(len(sample), noun)} checked "
+               f"{'is' if len(bad) == 1 else 'are'} unreadable")
+    inspect = f"`edgeface data inspect {data_dir}` lists every unreadable image"
+    if len(bad) == len(sample):
+        raise DataError(
+            f"{images_root}: no evaluation plan can be made because {counted}, for example "
+            f"{examples}. Replace or remove those files; {inspect}"
+        ) from error
+    raise DataError(
+        f"{error}. Also, {counted}, for example {examples}, which may be why: {inspect}"
+    ) from error
 
 
 def _resolve_protocol(data_dir: Path, protocol: str) -> str:
@@ -445,12 +495,14 @@ def _check_no_training_image_evaluated(plan: EvaluationPlan) -> None:
 def _log_plan(plan: EvaluationPlan) -> None:
     test_pairs = sum(len(fold) for fold in plan.test_folds)
     threshold = ("cross-validated over the test folds" if plan.threshold_pairs is None
-                 else f"chosen on {len(plan.threshold_pairs)} pairs")
+                 else f"chosen on {count_noun(len(plan.threshold_pairs), 'pair')}")
+    people = len({r.identity for r in plan.train_records})
     logger.info(
-        "evaluation plan %s: %d training images of %d people, %d test pairs in %d folds, "
-        "threshold %s, %d gallery and %d probe images",
-        plan.name, len(plan.train_records), len({r.identity for r in plan.train_records}),
-        test_pairs, len(plan.test_folds), threshold, len(plan.gallery), len(plan.probes),
+        "evaluation plan %s: %s of %s, %s in %s, threshold %s, %d gallery and %s",
+        plan.name, count_noun(len(plan.train_records), "training image"),
+        count_noun(people, "person", "people"), count_noun(test_pairs, "test pair"),
+        count_noun(len(plan.test_folds), "fold"), threshold, len(plan.gallery),
+        count_noun(len(plan.probes), "probe image"),
     )
 
 
@@ -522,8 +574,11 @@ def _choose_unseen(
     if fraction > 0:
         count = max(count, 1)
     if count >= len(identities):
-        raise DataError(f"holdout-identities {fraction} holds out all {len(identities)} "
-                        "identities and leaves none to train on: lower holdout-identities")
+        raise DatasetTooSmallError(
+            f"holdout-identities {fraction} holds out all "
+            f"{count_noun(len(identities), 'identity', 'identities')} and leaves none to train "
+            "on: lower holdout-identities, or add identity folders"
+        )
     order = rng.permutation(len(identities))
     unseen = sorted(identities[i] for i in order[:count])
     seen = sorted(identities[i] for i in order[count:])
@@ -545,11 +600,13 @@ def _holdout_folds(
     labels = np.array([i for i, group in enumerate(groups.values()) for _ in group])
     possible_mismatched = len(images) * (len(images) - 1) // 2 - len(matched)
     if len(matched) < TEST_FOLDS or possible_mismatched < len(matched):
-        raise DataError(
-            f"the holdout protocol found {len(matched)} matched pairs and room for "
-            f"{possible_mismatched} mismatched pairs among {len(images)} evaluation images of "
-            f"{len(groups)} identities, but {TEST_FOLDS} folds need at least {TEST_FOLDS} "
-            f"matched pairs and as many mismatched ones: raise holdout-identities (now "
+        raise DatasetTooSmallError(
+            f"the holdout protocol found {count_noun(len(matched), 'matched pair')} and room "
+            f"for {count_noun(possible_mismatched, 'mismatched pair')} among "
+            f"{count_noun(len(images), 'evaluation image')} of "
+            f"{count_noun(len(groups), 'identity', 'identities')}, but {TEST_FOLDS} folds need "
+            f"at least {TEST_FOLDS} matched pairs and as many mismatched ones: raise "
+            f"holdout-identities (now "
             f"{holdout_identities}) or lower train-images-per-identity (now "
             f"{train_images_per_identity})"
         )
