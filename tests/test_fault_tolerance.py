@@ -300,7 +300,7 @@ def test_dead_tracking_server_stops_workers(empty_workdir: Path, orl_dir: Path,
 @pytest.mark.parametrize("arguments, message", [
     (["--data", "{tmp}/missing"], "missing (from --data) not found"),
     (["--data", "{orl}", "--config", "{tmp}/missing.yaml"], "config file not found"),
-    (["--data", "{orl}", "--resume", "{tmp}/missing-run"], "no config.yaml there"),
+    (["--data", "{orl}", "--resume", "{tmp}/missing-run"], "missing-run: folder not found"),
 ])
 def test_cli_missing_paths_exit_2(arguments: list[str], message: str, empty_workdir: Path,
                                   orl_dir: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -215,6 +215,15 @@ def test_new_run_into_finished_folder(tmp_path: Path, orl_dir: Path) -> None:
     assert "--resume" not in str(raised.value)
 
 
+def test_new_run_into_interrupted_folder(tmp_path: Path, orl_dir: Path) -> None:
+    run_dir = tmp_path / "stopped"
+    run_dir.mkdir()
+    (run_dir / "state.json").write_text(json.dumps({"status": "interrupted",
+                                                    "rounds_completed": 1}))
+    with pytest.raises(EdgefaceError, match=f"resume it with `edgeface run --resume {run_dir}`"):
+        LocalRunner(tiny_config(), orl_dir, run_dir, progress=False).train()
+
+
 def test_resume_without_state_explains(tmp_path: Path, orl_dir: Path) -> None:
     with pytest.raises(EdgefaceError, match="no state.json"):
         LocalRunner(tiny_config(), orl_dir, tmp_path / "never-ran", resume=True,

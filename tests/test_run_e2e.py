@@ -129,7 +129,10 @@ def test_run_refuses_existing_run_dir(finished_run, orl_dir: Path) -> None:
     before = (workdir / "run1" / "summary.json").read_text()
     result = run_edgeface(["run", "--data", str(orl_dir), "--out", "run1", *RUN_FLAGS], workdir)
     assert result.returncode == 2
-    assert "--resume" in result.stderr
+    assert "run1 already contains a finished run" in result.stderr
+    assert "choose a new --out folder" in result.stderr
+    # A finished run cannot be resumed, so the message does not suggest it.
+    assert "--resume" not in result.stderr
     assert (workdir / "run1" / "summary.json").read_text() == before
 
 
