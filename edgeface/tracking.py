@@ -860,9 +860,16 @@ class ModelRegistry:
         try:
             self.client.create_registered_model(name, tags=_string_tags(tags))
         except MlflowException as error:
-            if _error_code(error) not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-                raise
-            return False
+            code = _error_code(error)
+            if code in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                return False
+            if code == "RESOURCE_DOES_NOT_EXIST":
+                # MLflow's SQL store reads the existing model back after a failed insert, to
+                # word its error. If the holder deleted the model in between, that read fails
+                # with RESOURCE_DOES_NOT_EXIST. The name was taken when the insert ran.
+                logger.debug("registered model %r was deleted while creating it", name)
+                return False
+            raise
         return True
 
     @_tracked("delete a registered model")

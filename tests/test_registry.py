@@ -481,6 +481,36 @@ def test_server_lock_takes_over_expired(tracker: Tracker, model_name: str) -> No
         assert registry.get_model_tags(lock_name)[LOCK_OWNER_TAG] == owner
 
 
+def test_lock_create_release_race(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lock released between a failed insert and MLflow's read-back is not an error.
+
+    MLflow's SQL store, the backend of `mlflow server` with a database URI, reads the existing
+    model back after a failed insert. Here the holder's release lands between the two.
+    """
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry = ModelRegistry(uri)
+    lock_name = "faces" + LOCK_MODEL_SUFFIX
+    assert registry.create_model_if_absent(lock_name, {LOCK_OWNER_TAG: "holder"})
+
+    store = registry.client._get_registry_client().store
+    read_back = store.get_registered_model
+    released: list[str] = []
+
+    def release_then_read(name: str) -> Any:
+        store.delete_registered_model(name)
+        released.append(name)
+        return read_back(name)
+
+    monkeypatch.setattr(store, "get_registered_model", release_then_read)
+    assert not registry.create_model_if_absent(lock_name, {LOCK_OWNER_TAG: "second"})
+    monkeypatch.undo()
+    assert released == [lock_name]
+    assert registry.create_model_if_absent(lock_name, {LOCK_OWNER_TAG: "second"})
+    assert registry.get_model_tags(lock_name)[LOCK_OWNER_TAG] == "second"
+
+
 def test_models_list_hides_lock_models(
     tracker: Tracker, model_name: str, mlflow_server: MlflowServer,
     capsys: pytest.CaptureFixture[str],
