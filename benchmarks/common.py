@@ -23,44 +23,26 @@ from typing import Any, Sequence
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def machine() -> dict[str, Any]:
-    """Describe the CPU, cores, memory, load and library versions for a benchmark record."""
-    import torch
+    """Describe the CPU, cores, memory, load and library versions for a benchmark record.
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = cpu_flags()
+    Extends `edgeface.machine.describe_machine`, the record that every run keeps, with the
+    bf16 flags, the memory and the load average.
+    """
+    from edgeface.machine import cpu_flags, describe_machine, read_cpuinfo
+
+    flags = cpu_flags(read_cpuinfo())
     try:
         memory_kb = int(Path("/proc/meminfo").read_text().split()[1])
     except (OSError, ValueError, IndexError):
         memory_kb = 0
+    record = describe_machine()
     return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
+        **record,
         "memory_gib": round(memory_kb / 2**20, 1),
-        "avx512f": "avx512f" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,
         "load_average": [round(value, 2) for value in os.getloadavg()],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
     }
 
 

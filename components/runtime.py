@@ -55,6 +55,7 @@ from edgeface.data.ingest import ImageRecord, list_images, resolve_images_root
 from edgeface.data.partition import NodeShard, Partition, read_manifest
 from edgeface.data.protocol import EvaluationPlan, plan_from_dict, plan_to_dict
 from edgeface.errors import DataError
+from edgeface.machine import describe_machine, machine_tags
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +349,8 @@ def train_edge_node(config_json: str, node_name: str, round_index: int, data_dir
                             Path(manifest_dir) / f"{node_name}.json", state_dir, request)
     info = {"node": node_name, "round": round_index, "ok": bool(reply.get("ok")),
             "num_samples": int(reply.get("num_samples", 0)), "metrics": reply.get("metrics", {}),
-            "error": reply.get("error"), "k8s_node": os.environ.get("NODE_NAME", "unknown")}
+            "error": reply.get("error"), "k8s_node": os.environ.get("NODE_NAME", "unknown"),
+            "machine": describe_machine()}
     write_json(info, update_dir / UPDATE_INFO_FILE)
     if info["ok"]:
         logger.info("%s round %d done on %s: %d samples, %s", node_name, round_index + 1,
@@ -444,11 +446,14 @@ def log_node_rounds(tracker, parent_run_id: str, round_index: int,
 
     Metrics are the node's training metrics and `failed` (1 when dropped, else 0). A dropped
     node's reason becomes the tag `edgeface.failure.round-NNNN`. Every child run is tagged
-    with the Kubernetes node its training task ran on.
+    with the Kubernetes node its training task ran on, and with that machine's processor and
+    torch version (`edgeface.machine.*`).
     """
     for info in infos:
         child = tracker.start_child(info["node"], parent_run_id=parent_run_id)
         tags = {K8S_NODE_TAG: info["k8s_node"]}
+        if "machine" in info:  # absent from updates written by older edgeface images
+            tags.update(machine_tags(info["machine"]))
         if info["reason"] is not None:
             tags[f"edgeface.failure.round-{round_index:04d}"] = info["reason"][:MAX_REASON_CHARS]
         tracker.set_tags(child, tags)

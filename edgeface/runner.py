@@ -41,6 +41,7 @@ import yaml
 from edgeface import __version__, steps
 from edgeface.config import RunConfig
 from edgeface.data.cache import dataset_fingerprint
+from edgeface.machine import describe_machine, machine_tags
 from edgeface.tracking import redact_uri
 from edgeface.errors import ConfigError, DataError, EdgefaceError
 from edgeface.workers import (
@@ -176,6 +177,8 @@ class LocalRunner:
         self.history: list[dict[str, float]] = []
         self.spreadout = steps.make_spreadout(config)
         self._lock: IO[str] | None = None
+        # Seeded runs repeat to the bit only on the same processor and torch version.
+        self.machine = describe_machine()
 
     # --- run state ----------------------------------------------------------------------
 
@@ -465,7 +468,8 @@ class LocalRunner:
         tags = {"edgeface.dataset_fingerprint": fingerprint,
                 "edgeface.config_hash": self.config.config_hash(),
                 "edgeface.code_version": __version__,
-                "edgeface.run_dir": str(self.run_dir.resolve())}
+                "edgeface.run_dir": str(self.run_dir.resolve()),
+                **machine_tags(self.machine)}
         parent = tracker.start_parent(self.run_dir.name, self.config.to_dict(), tags,
                                       resume_run_id=state.get("parent_run_id"))
         self._write_state(parent_run_id=parent, tracking_uri=redact_uri(tracker.tracking_uri))
@@ -507,7 +511,8 @@ class LocalRunner:
         names = [shard.name for shard in shards.nodes]
         pool = plan_workers(names, parallel, self.config.train.worker_processes)
         logger.info("%d edge nodes in %d worker process(es): %d train at once, %d torch "
-                    "thread(s) each", len(names), len(pool), parallel, threads)
+                    "thread(s) each, on %s with torch %s", len(names), len(pool), parallel,
+                    threads, self.machine["cpu"], self.machine["torch"])
         config_dict = self.config.model_dump(mode="json")
         for worker_name, hosted in pool.items():
             nodes = {}
@@ -965,6 +970,7 @@ class LocalRunner:
             "partition": self.config.partition.strategy,
             "dataset_fingerprint": fingerprint,
             "config_hash": self.config.config_hash(),
+            "machine": self.machine,
             "onnx": {"path": str(onnx_path.resolve()), "max_abs_diff": parity.max_abs_diff,
                      "parity_ok": parity.ok, "decisions_match": parity.decisions_match,
                      "opset": self.config.export.opset,

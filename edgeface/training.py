@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeface.config import ModelConfig, TrainConfig
+from edgeface.machine import cpu_flags, read_cpuinfo
 from edgeface.model import FaceModel, MarginHead, ModelSpec, build_backbone, to_input
 
 logger = logging.getLogger(__name__)
@@ -39,17 +40,8 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     Without either, oneDNN emulates bf16 matrix products with fp32 instructions, so bf16
     autocast seldom pays off. Returns False where /proc/cpuinfo cannot be read.
     """
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as file:
-                cpuinfo = file.read()
-        except OSError:
-            return False
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
+    text = read_cpuinfo() if cpuinfo is None else cpuinfo
+    return bool(cpu_flags(text) & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_precision(precision: str) -> str:

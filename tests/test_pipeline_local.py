@@ -519,6 +519,8 @@ def test_simulation_run_survives_node_failure(simulation_run: Path) -> None:
     children = {run.data.tags["edgeface.node"]: run for run in runs["node"]}
     assert sorted(children) == ["edge-0", "edge-1"]
     assert {run.data.tags["edgeface.k8s_node"] for run in children.values()} == {K8S_NODE}
+    assert {run.data.tags["edgeface.machine.torch"] for run in children.values()} == {
+        torch.__version__}
     edge_1 = [(m.step, m.value) for m in client.get_metric_history(
         children["edge-1"].info.run_id, "failed")]
     assert sorted(edge_1) == [(0, 1.0), (1, 0.0)]

@@ -82,6 +82,25 @@ def test_run_ends_node_runs(finished_run) -> None:
         assert tracker.client.get_run(run_id).info.status == "FINISHED"
 
 
+def test_run_records_machine(finished_run) -> None:
+    """The run names its processor and torch version: a seeded run repeats only with both."""
+    import torch
+
+    from edgeface.tracking import Tracker
+
+    workdir, result = finished_run
+    summary = json.loads((workdir / "run1" / "summary.json").read_text())
+    machine = summary["machine"]
+    assert machine["torch"] == torch.__version__
+    assert machine["cores"] >= 1
+    assert machine["cpu"]
+    tracker = Tracker(summary["mlflow"]["tracking_uri"], "edgeface")
+    tags = tracker.client.get_run(summary["mlflow"]["run_id"]).data.tags
+    assert tags["edgeface.machine.cpu"] == machine["cpu"]
+    assert tags["edgeface.machine.torch"] == torch.__version__
+    assert f"on {machine['cpu']} with torch" in result.stderr
+
+
 def test_run_version_warm_starts(finished_run, tmp_path: Path) -> None:
     """The version carries backbone.pt, so a pipeline run can start from it."""
     import torch
