@@ -304,6 +304,20 @@ def choose_variant(candidates: Sequence[VariantMeasurement],
     return min(close, key=lambda item: item.latency_p50_ms)
 
 
+def int8_speed_warning(chosen: VariantMeasurement, fp32: VariantMeasurement) -> str | None:
+    """Return a warning when the int8 model is not faster than fp32 at batch 1, else None.
+
+    Whether int8 pays off depends on the CPU's int8 instructions and on onnxruntime's kernels
+    for them, so the run measures it instead of assuming it.
+    """
+    if chosen.latency_p50_ms < fp32.latency_p50_ms:
+        return None
+    size = chosen.size_bytes / fp32.size_bytes if fp32.size_bytes else float("nan")
+    return (f"the int8 model is not faster than fp32 on this CPU ({chosen.latency_p50_ms:.2f} "
+            f"ms against {fp32.latency_p50_ms:.2f} ms p50 at batch 1): deploy the fp32 model "
+            f"unless the int8 file's smaller size ({size:.0%} of fp32) matters more")
+
+
 def build_int8_variant(
     onnx_path: Path,
     plan: EvaluationPlan,
@@ -348,5 +362,8 @@ def build_int8_variant(
     logger.info("chose the %s int8 model (%+.4f accuracy, %.2f ms vs %.2f ms fp32): %s",
                 chosen.method, chosen.accuracy_delta, chosen.latency_p50_ms,
                 fp32.latency_p50_ms, chosen_path)
+    warning = int8_speed_warning(chosen, fp32)
+    if warning:
+        logger.warning(warning)
     return Int8Report(fp32=fp32, candidates=tuple(candidates), chosen=chosen,
                       calibration_images=len(calibration), fp32_embeddings=fp32_embeddings)

@@ -31,6 +31,7 @@ from edgeface.quantize import (
     build_int8_variant,
     calibration_sample,
     choose_variant,
+    int8_speed_warning,
 )
 from edgeface.registry import register_version
 from edgeface.runner import LocalRunner
@@ -156,6 +157,18 @@ def test_choose_variant_rule() -> None:
     assert choose_variant([slow_best, fast_close], tolerance=0.001).method == "dynamic"
     with pytest.raises(ValueError, match="at least one candidate"):
         choose_variant([])
+
+
+def test_int8_speed_warning_when_slower() -> None:
+    fp32 = VariantMeasurement("fp32", Path("fp32.onnx"), 1_634_068, 0.846, 0.0, 0.71)
+    slower = VariantMeasurement("static", Path("static.onnx"), 699_055, 0.837, -0.009, 0.73)
+    faster = VariantMeasurement("static", Path("static.onnx"), 699_055, 0.837, -0.009, 0.50)
+    warning = int8_speed_warning(slower, fp32)
+    assert warning is not None
+    assert "0.73 ms against 0.71 ms" in warning
+    assert "43% of fp32" in warning
+    assert "deploy the fp32 model" in warning
+    assert int8_speed_warning(faster, fp32) is None
 
 
 def test_calibration_avoids_test_pairs(evaluation: Evaluation) -> None:
