@@ -853,7 +853,8 @@ class ModelRegistry:
         """Create the registered model `name` with `tags`; return False if it already exists.
 
         The store checks name uniqueness in one transaction, so of several concurrent callers
-        exactly one gets True.
+        exactly one gets True. False also covers a model deleted while this call ran, so a
+        caller that needs the model retries.
         """
         from mlflow.exceptions import MlflowException
 
