@@ -15,6 +15,8 @@ import platform
 from typing import Any
 
 CPUINFO_PATH = "/proc/cpuinfo"
+# MLflow tag of a resumed run that lists the machines its later rounds ran on.
+MACHINE_CHANGES_TAG = "edgeface.machine.changes"
 
 
 def read_cpuinfo() -> str:
@@ -44,13 +46,17 @@ def cpu_model(cpuinfo: str) -> str:
     """Return the processor's model name with its family, model and stepping numbers.
 
     Virtual machines often report a generic name such as "Intel(R) Xeon(R) Processor", and the
-    numbers tell its generations apart. Falls back to `platform.processor()`, then "unknown".
+    numbers tell its generations apart. ARM Linux lists no model name but an implementer and a
+    part number, which are used instead. Falls back to `platform.processor()`, then "unknown".
     """
     fields = cpu_fields(cpuinfo)
-    name = fields.get("model name") or platform.processor() or "unknown"
-    numbers = [f"{label} {fields[key]}" for key, label in
-               (("cpu family", "family"), ("model", "model"), ("stepping", "stepping"))
-               if key in fields]
+    labels = (("cpu family", "family"), ("model", "model"), ("stepping", "stepping"),
+              ("CPU implementer", "implementer"), ("CPU part", "part"),
+              ("CPU variant", "variant"), ("CPU revision", "revision"))
+    numbers = [f"{label} {fields[key]}" for key, label in labels if key in fields]
+    name = fields.get("model name") or platform.processor()
+    if not name:
+        name = "ARM" if "CPU implementer" in fields else "unknown"
     return f"{name} ({', '.join(numbers)})" if numbers else name
 
 

@@ -196,14 +196,22 @@ def _model_lock(
 ) -> Iterator[str]:
     owner = _lock_owner()
     deadline = time.monotonic() + timeout_s
-    while not _try_create_lock(registry, lock_name, owner, ttl_s):
+    holder: dict[str, str] = {}
+    waiting_logged = False
+    while not _try_create_lock(registry, lock_name, owner, ttl_s, holder):
         if time.monotonic() > deadline:
             raise RegistryError(
                 f"timed out after {timeout_s:g} s waiting for the registry lock "
-                f"{lock_name!r} at {registry.tracking_uri}: wait for the other promotion or "
-                "registration to finish, then retry. A lock whose holder crashed expires "
-                f"{ttl_s:g} s after it was taken"
+                f"{lock_name!r} at {registry.tracking_uri}, held by {_describe_holder(holder)}: "
+                "wait for the other promotion or registration to finish, then retry. If its "
+                "holder crashed, the lock is taken over once it expires, or delete the "
+                f"registered model {lock_name!r} (MLflow UI or MlflowClient."
+                "delete_registered_model) when sure that no client holds it"
             )
+        if holder and not waiting_logged:
+            logger.info("waiting up to %g s for the registry lock %r, held by %s", timeout_s,
+                        lock_name, _describe_holder(holder))
+            waiting_logged = True
         # Jitter keeps racing clients from retrying in lockstep.
         time.sleep(_LOCK_POLL_S * (1.0 + random.random()))
     logger.debug("acquired registry lock %r as %s", lock_name, owner)
@@ -213,7 +221,18 @@ def _model_lock(
         _release_model_lock(registry, lock_name, owner)
 
 
-def _try_create_lock(registry: ModelRegistry, lock_name: str, owner: str, ttl_s: float) -> bool:
+def _describe_holder(holder: dict[str, str]) -> str:
+    """Return "OWNER until TIME" for the tags of a lock model, as far as they are known."""
+    owner = holder.get(LOCK_OWNER_TAG, "an unknown owner")
+    try:
+        return f"{owner} until {_iso(float(holder[LOCK_EXPIRES_TAG]))}"
+    except (KeyError, ValueError):
+        return f"{owner} with no valid expiry time"
+
+
+def _try_create_lock(registry: ModelRegistry, lock_name: str, owner: str, ttl_s: float,
+                     holder: dict[str, str] | None = None) -> bool:
+    """Try once to take the lock; on failure copy the current holder's tags into `holder`."""
     tags = {LOCK_OWNER_TAG: owner, LOCK_EXPIRES_TAG: f"{time.time() + ttl_s:.3f}"}
     if registry.create_model_if_absent(lock_name, tags):
         return True
@@ -221,6 +240,9 @@ def _try_create_lock(registry: ModelRegistry, lock_name: str, owner: str, ttl_s:
         existing = registry.get_model_tags(lock_name)
     except RegistryError:
         return False  # released between our create and this read: try again
+    if holder is not None:
+        holder.update({key: existing[key] for key in (LOCK_OWNER_TAG, LOCK_EXPIRES_TAG)
+                       if key in existing})
     try:
         expires = float(existing.get(LOCK_EXPIRES_TAG, "inf"))
     except ValueError:

@@ -41,7 +41,7 @@ import yaml
 from edgeface import __version__, steps
 from edgeface.config import RunConfig
 from edgeface.data.cache import dataset_fingerprint
-from edgeface.machine import describe_machine, machine_tags
+from edgeface.machine import MACHINE_CHANGES_TAG, describe_machine, machine_tags
 from edgeface.tracking import redact_uri
 from edgeface.errors import ConfigError, DataError, EdgefaceError
 from edgeface.workers import (
@@ -179,6 +179,7 @@ class LocalRunner:
         self._lock: IO[str] | None = None
         # Seeded runs repeat to the bit only on the same processor and torch version.
         self.machine = describe_machine()
+        self.machines: list[dict[str, Any]] = []  # the machine of each stretch of rounds
 
     # --- run state ----------------------------------------------------------------------
 
@@ -465,15 +466,44 @@ class LocalRunner:
 
     def _start_parent_run(self, tracker: Tracker, fingerprint: str) -> str:
         state = self._read_state()
+        self.machines = self._machine_segments(state)
         tags = {"edgeface.dataset_fingerprint": fingerprint,
                 "edgeface.config_hash": self.config.config_hash(),
                 "edgeface.code_version": __version__,
                 "edgeface.run_dir": str(self.run_dir.resolve()),
-                **machine_tags(self.machine)}
+                **machine_tags(self.machines[0])}
+        if len(self.machines) > 1:
+            tags[MACHINE_CHANGES_TAG] = "; ".join(
+                f"from round {segment['first_round'] + 1}: {segment['cpu']}, "
+                f"{segment['cores']} cores, torch {segment['torch']}"
+                for segment in self.machines[1:])
         parent = tracker.start_parent(self.run_dir.name, self.config.to_dict(), tags,
                                       resume_run_id=state.get("parent_run_id"))
-        self._write_state(parent_run_id=parent, tracking_uri=redact_uri(tracker.tracking_uri))
+        self._write_state(parent_run_id=parent, tracking_uri=redact_uri(tracker.tracking_uri),
+                          machines=self.machines)
         return parent
+
+    def _machine_segments(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """Return the machine of each stretch of rounds, adding this process's if it differs.
+
+        A resumed run keeps the machines of its earlier rounds, so the MLflow tags keep naming
+        the machine the run started on. A resume on another processor, core count or torch
+        version is logged, because its weights then differ from an uninterrupted run's.
+        """
+        first_round = int(state.get("rounds_completed", 0)) if self.resume else 0
+        current = {"first_round": first_round, **self.machine}
+        segments = list(state.get("machines", [])) if self.resume else []
+        if not segments:
+            return [current]
+        last = segments[-1]
+        changes = [f"{key} {last.get(key)} -> {self.machine[key]}"
+                   for key in ("cpu", "cores", "torch") if last.get(key) != self.machine[key]]
+        if not changes:
+            return segments
+        logger.warning("resuming %s from round %d on another machine (%s): the remaining "
+                       "rounds will not give bitwise the weights of an uninterrupted run",
+                       self.run_dir, first_round + 1, "; ".join(changes))
+        return [*segments, current]
 
     def _run_tracked(self, tracker: Tracker, parent: str, images_root: Path,
                      plan: EvaluationPlan, shards: Partition, fingerprint: str,
@@ -971,6 +1001,7 @@ class LocalRunner:
             "dataset_fingerprint": fingerprint,
             "config_hash": self.config.config_hash(),
             "machine": self.machine,
+            "machines": self.machines,
             "onnx": {"path": str(onnx_path.resolve()), "max_abs_diff": parity.max_abs_diff,
                      "parity_ok": parity.ok, "decisions_match": parity.decisions_match,
                      "opset": self.config.export.opset,

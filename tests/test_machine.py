@@ -9,7 +9,8 @@ import torch
 from edgeface.machine import cpu_fields, cpu_flags, cpu_model, describe_machine, machine_tags
 
 # /proc/cpuinfo in the kernel's layout: an Intel Xeon with AMX whose second processor block
-# differs (so only the first counts), and an AMD EPYC (Zen 4). Flags are shortened.
+# differs (so only the first counts), an AMD EPYC (Zen 4) and an ARM Neoverse N1 (no model
+# name). Flags are shortened.
 XEON_CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
 cpu family\t: 6
@@ -34,10 +35,23 @@ stepping\t: 1
 flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni
 """
 
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x3
+CPU part\t: 0xd0c
+CPU revision\t: 1
+"""
+
 
 def test_cpu_model_adds_family_numbers() -> None:
     assert cpu_model(XEON_CPUINFO) == "Intel(R) Xeon(R) Processor (family 6, model 207, stepping 2)"
     assert cpu_model(EPYC_CPUINFO) == "AMD EPYC Processor (family 25, model 17, stepping 1)"
+
+    assert cpu_model(ARM_CPUINFO).endswith(
+        "(implementer 0x41, part 0xd0c, variant 0x3, revision 1)")
 
 
 def test_cpu_fields_first_processor_only() -> None:

@@ -7,7 +7,7 @@ evaluation plan is the holdout protocol on the real ORL faces, preprocessed at 3
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -159,16 +159,20 @@ def test_choose_variant_rule() -> None:
         choose_variant([])
 
 
-def test_int8_speed_warning_when_slower() -> None:
-    fp32 = VariantMeasurement("fp32", Path("fp32.onnx"), 1_634_068, 0.846, 0.0, 0.71)
-    slower = VariantMeasurement("static", Path("static.onnx"), 699_055, 0.837, -0.009, 0.73)
-    faster = VariantMeasurement("static", Path("static.onnx"), 699_055, 0.837, -0.009, 0.50)
+def test_int8_speed_warning_margin() -> None:
+    fp32 = VariantMeasurement("fp32", Path("fp32.onnx"), 1_634_068, 0.846, 0.0, 0.710)
+    slower = VariantMeasurement("static", Path("static.onnx"), 699_055, 0.837, -0.009, 0.730)
+    within_noise = replace(slower, latency_p50_ms=0.690)
+    faster = replace(slower, latency_p50_ms=0.500)
     warning = int8_speed_warning(slower, fp32)
     assert warning is not None
-    assert "0.73 ms against 0.71 ms" in warning
-    assert "43% of fp32" in warning
-    assert "deploy the fp32 model" in warning
+    assert "not 5% faster" in warning
+    assert "0.730 ms against 0.710 ms" in warning
+    assert "43% of fp32's" in warning
+    assert "Deploy the fp32 model" in warning
+    assert int8_speed_warning(within_noise, fp32) is not None
     assert int8_speed_warning(faster, fp32) is None
+    assert int8_speed_warning(within_noise, fp32, margin=0.0) is None
 
 
 def test_calibration_avoids_test_pairs(evaluation: Evaluation) -> None:

@@ -462,10 +462,12 @@ def test_server_lock_excludes_and_releases(tracker: Tracker, model_name: str) ->
     with registry_lock(registry, model_name) as owner:
         assert registry.get_model_tags(lock_name)[LOCK_OWNER_TAG] == owner
         started = time.monotonic()
-        with pytest.raises(RegistryError, match="timed out after 1 s"):
+        with pytest.raises(RegistryError, match="timed out after 1 s") as raised:
             with registry_lock(registry, model_name, timeout_s=1.0):
                 pass
         assert time.monotonic() - started >= 1.0
+        assert f"held by {owner} until 20" in str(raised.value)
+        assert f"delete the registered model {lock_name!r}" in str(raised.value)
     with pytest.raises(RegistryError, match="not found"):
         registry.get_model_tags(lock_name)
 

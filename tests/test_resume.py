@@ -179,6 +179,40 @@ def test_resume_after_quorum_failure_matches_reference(
     assert (1, 0.0) in failed
 
 
+def test_resume_other_machine_keeps_record(
+    workdir: Path, orl_dir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A resume on another machine keeps the first machine's record and warns."""
+    import logging
+
+    run_dir = workdir / "other-machine"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGEFACE_FAULTS", "node-1:nan@1")
+        with pytest.raises(QuorumError):
+            LocalRunner(tiny_config(), orl_dir, run_dir, progress=False).train()
+    state = read_state(run_dir)
+    [first] = state["machines"]
+    assert first["first_round"] == 0
+    # Stand in for a first machine with another processor.
+    first["cpu"] = "Earlier Processor (family 1, model 2, stepping 3)"
+    (run_dir / "state.json").write_text(json.dumps({**state, "machines": [first]}))
+
+    with caplog.at_level(logging.WARNING, logger="edgeface.runner"):
+        resumed = LocalRunner(tiny_config(), orl_dir, run_dir, resume=True,
+                              progress=False).train()
+    warnings = [r.getMessage() for r in caplog.records if "on another machine" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "from round 2" in warnings[0]
+    assert "Earlier Processor" in warnings[0]
+    machines = read_state(run_dir)["machines"]
+    assert [segment["first_round"] for segment in machines] == [0, 1]
+    assert machines[0]["cpu"] == first["cpu"]
+    assert machines[1]["cpu"] != first["cpu"]
+    tags = tracker_for(workdir).client.get_run(resumed.parent_run_id).data.tags
+    assert tags["edgeface.machine.cpu"] == first["cpu"]
+    assert tags["edgeface.machine.changes"].startswith(f"from round 2: {machines[1]['cpu']}")
+
+
 def test_resume_rejects_changed_config(quorum_failure, orl_dir: Path) -> None:
     run_dir, _, _, _, _ = quorum_failure
     changed = load_config(overrides={**OVERRIDES, "rounds": 3})

@@ -94,6 +94,7 @@ def test_run_records_machine(finished_run) -> None:
     assert machine["torch"] == torch.__version__
     assert machine["cores"] >= 1
     assert machine["cpu"]
+    assert summary["machines"] == [{"first_round": 0, **machine}]
     tracker = Tracker(summary["mlflow"]["tracking_uri"], "edgeface")
     tags = tracker.client.get_run(summary["mlflow"]["run_id"]).data.tags
     assert tags["edgeface.machine.cpu"] == machine["cpu"]
