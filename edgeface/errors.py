@@ -31,3 +31,14 @@ class ExportError(EdgefaceError):
 
 class RegistryError(EdgefaceError):
     """MLflow model registry request that cannot be carried out."""
+
+
+class LockTimeoutError(RegistryError):
+    """Registry lock still held by another client when the wait timed out.
+
+    The condition is transient, so the CLI exits with `EXIT_TEMPFAIL` and a script can retry.
+    """
+
+
+# Exit status of the CLI for a failure worth retrying, EX_TEMPFAIL of BSD's <sysexits.h>.
+EXIT_TEMPFAIL = 75

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeface import tracking
-from edgeface.errors import ConfigError, RegistryError
+from edgeface.errors import ConfigError, LockTimeoutError, RegistryError
 from edgeface.tracking import ModelRegistry, ModelVersionInfo, sqlite_database
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def _file_lock(path: Path, timeout_s: float) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     handle.seek(0)
                     holder = handle.read().strip() or "unknown"
-                    raise RegistryError(
+                    raise LockTimeoutError(
                         f"timed out after {timeout_s:g} s waiting for the registry lock {path} "
                         f"(held by {holder}): wait for the other promotion or registration to "
                         "finish, then retry"
@@ -200,7 +200,7 @@ def _model_lock(
     waiting_logged = False
     while not _try_create_lock(registry, lock_name, owner, ttl_s, holder):
         if time.monotonic() > deadline:
-            raise RegistryError(
+            raise LockTimeoutError(
                 f"timed out after {timeout_s:g} s waiting for the registry lock "
                 f"{lock_name!r} at {registry.tracking_uri}, held by {_describe_holder(holder)}: "
                 "wait for the other promotion or registration to finish, then retry. If its "

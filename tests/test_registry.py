@@ -26,7 +26,7 @@ from mlflow_server import MlflowServer
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeface.cli.main import main
-from edgeface.errors import RegistryError
+from edgeface.errors import EXIT_TEMPFAIL, RegistryError
 from edgeface.registry import (
     ALIAS_STACK_TAG,
     LOCK_EXPIRES_TAG,
@@ -769,6 +769,20 @@ def local_store(tmp_path_factory: pytest.TempPathFactory, onnx_file: Path) -> st
                          embedding_dim=EMBEDDING_DIM,
                          tags={**version_tags(0.8), **int8_tags})
     return uri
+
+
+def test_promote_lock_timeout_exit_status(
+    local_store: str, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A lock held past --lock-timeout exits with 75 (retry later), not 2 (invalid input)."""
+    with registry_lock(ModelRegistry(local_store), "faces-local"):
+        code, _ = cli(capsys, "promote", "faces-local", "--from", "1", "--to", "champion",
+                      "--lock-timeout", "0.5", "--tracking-uri", local_store)
+    assert code == EXIT_TEMPFAIL
+    assert "timed out after 0.5 s" in caplog.text
+    code, _ = cli(capsys, "promote", "faces-local", "--from", "99", "--to", "champion",
+                  "--tracking-uri", local_store)
+    assert code == 2
 
 
 def test_models_list_int8_delta_column(

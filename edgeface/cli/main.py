@@ -21,7 +21,7 @@ import threading
 from importlib.metadata import entry_points
 
 from edgeface import __version__
-from edgeface.errors import EdgefaceError
+from edgeface.errors import EXIT_TEMPFAIL, EdgefaceError, LockTimeoutError
 
 logger = logging.getLogger("edgeface")
 
@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configure_logging(args.log_level)
         return int(args.func(args) or 0)
+    except LockTimeoutError as error:
+        logger.error("%s", error)
+        return EXIT_TEMPFAIL
     except EdgefaceError as error:
         logger.error("%s", error)
         return 2
